@@ -29,7 +29,12 @@ def save_checkpoint(
     model: nn.Module, path: str | Path, *, arch: str, width: float, n_classes: int
 ) -> None:
     """Weights plus what `build_model` needs to rebuild the network, in one file."""
-    payload = {"arch": arch, "width": width, "n_classes": n_classes, "state_dict": model.state_dict()}
+    payload = {
+        "arch": arch,
+        "width": width,
+        "n_classes": n_classes,
+        "state_dict": model.state_dict(),
+    }
     torch.save(payload, Path(path))
 
 
