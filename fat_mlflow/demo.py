@@ -11,6 +11,7 @@ recordings are assigned whole to one split, so no recording is heard in two spli
 """
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -102,8 +103,7 @@ def build_demo_dataset(
     pd.DataFrame(sources).to_csv(out_dir / "demo_sources.csv", index=False)
     shutil.copyfile(esc50_dir / "LICENSE", out_dir / "ESC50_LICENSE")
 
-    return {
-        "root": str(out_dir),
+    summary = {
         "seed": seed,
         "scale": scale,
         "n_classes": len(vocabulary),
@@ -112,9 +112,11 @@ def build_demo_dataset(
             f"seconds_{split}": round(sum(r["seconds"] for r in rows), 1)
             for split, rows in written.items()
         },
-        "noisy_clean_fraction": float(np.mean([n["kind"] == "none" for n in noise])),
+        "noisy_clean_fraction": round(float(np.mean([n["kind"] == "none" for n in noise])), 4),
         "n_test_mixtures": sum(len(labels) > 1 for _, labels in test),
     }
+    (out_dir / "demo_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return {"root": str(out_dir), **summary}
 
 
 def _read_meta(esc50_dir: Path) -> pd.DataFrame:

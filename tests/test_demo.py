@@ -1,0 +1,83 @@
+"""The ESC-50 demo dataset: layout, leakage guard, label-noise bookkeeping, determinism."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import soundfile as sf
+
+from fat_mlflow.data import load_dataset
+from fat_mlflow.demo import build_demo_dataset
+
+
+def file_hashes(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha1(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_loads_as_a_fat2019_dataset(demo_data):
+    ds = load_dataset(demo_data)
+    assert len(ds.vocabulary) == 50 and ds.vocabulary == sorted(ds.vocabulary)
+    assert ds.has_noisy and ds.has_test_truth
+    assert len(ds.noisy) > 1.5 * len(ds.curated)
+    assert set(ds.vocabulary) == {label for labels in ds.curated["labels"] for label in labels}
+    assert all(len(labels) == 1 for labels in ds.curated["labels"])
+    info = sf.info(ds.curated["path"].iloc[0])
+    assert (info.format, info.subtype, info.samplerate, info.channels) == ("WAV", "PCM_16", 44_100, 1)
+
+
+def test_no_source_recording_is_in_two_splits(demo_data, esc50_dir):
+    sources = pd.read_csv(demo_data / "demo_sources.csv")
+    esc50 = pd.read_csv(esc50_dir / "meta" / "esc50.csv").set_index("filename")
+    split_of: dict[str, set[str]] = {}
+    for split, names in zip(sources["split"], sources["sources"]):
+        for name in names.split(";"):
+            key = f"{esc50.loc[name, 'category']}/{esc50.loc[name, 'src_file']}"
+            split_of.setdefault(key, set()).add(split)
+    assert max(len(splits) for splits in split_of.values()) == 1
+    assert len(split_of) > 100
+
+
+def test_noise_truth_matches_the_noisy_labels(demo_data):
+    given = pd.read_csv(demo_data / "train_noisy.csv")
+    truth = pd.read_csv(demo_data / "noise_truth.csv")
+    assert truth["fname"].tolist() == given["fname"].tolist()
+    assert truth["given_labels"].tolist() == given["labels"].tolist()
+    same = [set(t.split(",")) == set(g.split(",")) for t, g in zip(truth["true_labels"], truth["given_labels"])]
+    assert truth["labels_correct"].tolist() == same
+    assert ((truth["noise_kind"] == "none") == truth["labels_correct"]).all()
+    assert set(truth["noise_kind"]) == {"none", "wrong", "missing", "extra"}
+    assert 0.45 <= truth["labels_correct"].mean() <= 0.55
+
+
+def test_noisy_clips_are_longer_and_test_has_mixtures(demo_data):
+    ds = load_dataset(demo_data)
+    noisy_seconds = [sf.info(p).duration for p in ds.noisy["path"]]
+    assert max(noisy_seconds) > 14.0 and sum(noisy_seconds) / len(noisy_seconds) > 8.0
+    mixtures = sum(len(labels) == 2 for labels in ds.test["labels"])
+    assert 0.15 <= mixtures / len(ds.test) <= 0.25
+
+
+def test_same_seed_gives_the_same_bytes(demo_data, esc50_dir, tmp_path):
+    built = json.loads((demo_data / "demo_summary.json").read_text())
+    again = tmp_path / "again"
+    summary = build_demo_dataset(esc50_dir, again, seed=0, scale=built["scale"])
+    assert summary == {"root": str(again), **built}
+    assert file_hashes(again) == file_hashes(demo_data)
+
+
+@pytest.mark.parametrize("scale", [0.0, 1.5])
+def test_scale_must_be_a_fraction(esc50_dir, tmp_path, scale):
+    with pytest.raises(ValueError, match="scale"):
+        build_demo_dataset(esc50_dir, tmp_path, scale=scale)
+
+
+def test_refuses_to_write_into_a_non_empty_folder(demo_data, esc50_dir):
+    with pytest.raises(FileExistsError, match="not empty"):
+        build_demo_dataset(esc50_dir, demo_data)
