@@ -19,6 +19,7 @@ from typing import BinaryIO, Callable, Iterable, Iterator
 
 import librosa
 import numpy as np
+from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 from fat_mlflow.audio import AudioError, load_audio
@@ -167,9 +168,14 @@ class FeatureCache:
         """(path, worker result) pairs in order; in-process when one worker suffices."""
         jobs = [(path, target, self.cfg) for path, target in todo]
         if workers <= 1:
-            yield from zip((p for p, _ in todo), map(_compute_one, jobs))
+            with threadpool_limits(limits=1):
+                yield from zip((p for p, _ in todo), map(_compute_one, jobs))
             return
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        # One BLAS thread per process: clips are the unit of parallelism, and threaded BLAS on
+        # the small mel products is several times slower than single-threaded (bench_features).
+        with ProcessPoolExecutor(
+            max_workers=workers, initializer=threadpool_limits, initargs=(1,)
+        ) as pool:
             chunk = max(1, min(16, len(jobs) // (workers * 4)))
             yield from zip((p for p, _ in todo), pool.map(_compute_one, jobs, chunksize=chunk))
 
