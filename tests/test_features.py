@@ -91,7 +91,8 @@ def test_cache_stores_log_mel_and_reuses_it(tmp_path, esc50_clips):
 
     loaded = cache.load(esc50_clips[2])
     assert isinstance(loaded, np.memmap)
-    np.testing.assert_array_equal(loaded, log_mel(load_audio(esc50_clips[2], CFG.sample_rate), CFG))
+    fresh = log_mel(load_audio(esc50_clips[2], CFG.sample_rate), CFG)
+    np.testing.assert_allclose(loaded, fresh, atol=1e-3)  # BLAS thread count changes rounding
     assert [a.shape for a in cache.load_many(esc50_clips[:2], mmap=False)] == [
         np.load(cache.path_for(p)).shape for p in esc50_clips[:2]
     ]
