@@ -69,6 +69,18 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class ServingConfig:
+    """Per-clip limits of the served model: one huge upload must not exhaust the server.
+
+    A clip over a limit becomes an error row; the rest of its batch is still scored.
+    """
+
+    max_clip_bytes: int = 50_000_000  # encoded audio, i.e. the file or the decoded base64
+    max_clip_seconds: float = 600.0  # 10 minutes of audio
+    batch_clips: int = 16  # clips per request when the CLI scores a folder
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str
     features: FeatureConfig = field(default_factory=FeatureConfig)
