@@ -1,0 +1,48 @@
+"""Multi-label stratified K folds over the curated and the noisy set.
+
+The assignment is made once (stage 1) and saved as a run artifact; every later stage
+reuses it, so fold k's model always warm-starts from a model that never saw fold k.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
+
+FOLD_COLUMNS = ["set", "fname", "fold"]
+
+
+def stratified_folds(targets: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
+    """Fold id per row, balancing every label's count across folds."""
+    if len(targets) < n_folds:
+        raise ValueError(f"cannot split {len(targets)} clips into {n_folds} folds")
+    folds = np.empty(len(targets), dtype=np.int64)
+    splitter = MultilabelStratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    for fold, (_, held_out) in enumerate(splitter.split(np.zeros(len(targets)), targets)):
+        folds[held_out] = fold
+    return folds
+
+
+def assign_folds(
+    sets: dict[str, tuple[pd.Series, np.ndarray]], n_folds: int, seed: int
+) -> pd.DataFrame:
+    """{set name: (fnames, targets)} -> table set,fname,fold with each set split on its own."""
+    parts = [
+        pd.DataFrame({"set": name, "fname": fnames.to_numpy(),
+                      "fold": stratified_folds(targets, n_folds, seed)})
+        for name, (fnames, targets) in sets.items()
+    ]
+    return pd.concat(parts, ignore_index=True)[FOLD_COLUMNS]
+
+
+def folds_for(table: pd.DataFrame, set_name: str, fnames: pd.Series) -> np.ndarray:
+    """Look up the fold of each fname of one set; a clip missing from the table is an error."""
+    lookup = table[table["set"] == set_name].set_index("fname")["fold"]
+    missing = ~fnames.isin(lookup.index)
+    if missing.any():
+        examples = ", ".join(fnames[missing].head(5))
+        raise ValueError(
+            f"{int(missing.sum())} {set_name} clips have no fold in the saved assignment "
+            f"(e.g. {examples}); was the earlier run made on another dataset?"
+        )
+    return lookup.loc[fnames].to_numpy(dtype=np.int64)

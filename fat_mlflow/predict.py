@@ -1,0 +1,49 @@
+"""Sliding-window inference: the seed's test-time procedure, shared by OOF and the ensemble."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from fat_mlflow.dataset import window_batches
+
+
+@torch.inference_mode()
+def predict_spectrograms(
+    models: Sequence[nn.Module],
+    specs: Sequence[np.ndarray],
+    window: int = 128,
+    step: int = 48,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+) -> np.ndarray:
+    """Mean sigmoid score per clip: averaged over its windows, then over `models`.
+
+    Windows of many clips share one batch, and each batch is standardised once and fed
+    to every model, so an ensemble costs one preprocessing pass.
+    """
+    if not models:
+        raise ValueError("predict_spectrograms needs at least one model")
+    device = torch.device(device)
+    n_classes = _output_size(models[0])
+    sums = torch.zeros(len(specs), n_classes, dtype=torch.float64)
+    counts = torch.zeros(len(specs), dtype=torch.float64)
+    for model in models:
+        model.eval()
+    for inputs, clip_index in window_batches(specs, window, step, batch_size):
+        inputs = inputs.to(device, non_blocking=True)
+        if device.type == "cuda":
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, enabled=device.type == "cuda"):
+            probs = sum(torch.sigmoid(model(inputs).float()) for model in models) / len(models)
+        index = torch.from_numpy(clip_index)
+        sums.index_add_(0, index, probs.double().cpu())
+        counts.index_add_(0, index, torch.ones(len(index), dtype=torch.float64))
+    return (sums / counts.unsqueeze(1)).numpy().astype(np.float32)
+
+
+def _output_size(model: nn.Module) -> int:
+    last_linear = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    return last_linear.out_features

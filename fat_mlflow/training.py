@@ -1,0 +1,127 @@
+"""Training of one fold model: random crops, batch augmentation, BCE, Adam + one-cycle.
+
+No MLflow here: the caller receives an `EpochLog` per epoch through a callback and
+decides what to record, so the engine also runs on machines without MLflow.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from fat_mlflow.augment import build_batch_augment
+from fat_mlflow.config import AugmentConfig, TrainConfig
+from fat_mlflow.dataset import training_batches
+from fat_mlflow.metrics import lwlrap
+from fat_mlflow.predict import predict_spectrograms
+
+
+@dataclass(frozen=True)
+class EpochLog:
+    epoch: int
+    train_loss: float
+    val_lwlrap: float
+    seconds: float
+    samples_per_second: float
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} was asked for but no CUDA GPU is visible")
+    return torch.device(name)
+
+
+def steps_per_epoch(n_clips: int, batch_size: int) -> int:
+    """Matches `training_batches`, which drops a trailing batch of one clip."""
+    full, rest = divmod(n_clips, batch_size)
+    return full + (1 if rest >= 2 else 0)
+
+
+def train_fold(
+    model: nn.Module,
+    train_specs: Sequence[np.ndarray],
+    train_targets: np.ndarray,
+    val_specs: Sequence[np.ndarray],
+    val_targets: np.ndarray,
+    cfg: TrainConfig,
+    augment: AugmentConfig,
+    seed: int,
+    on_epoch: Callable[[EpochLog], None] | None = None,
+    progress: bool = True,
+    desc: str = "",
+) -> list[EpochLog]:
+    """Train `model` in place for `cfg.epochs` epochs; returns the per-epoch log.
+
+    On a GPU the forward/backward pass runs in bfloat16 autocast with channels_last
+    tensors; on the CPU in float32. Everything random draws from `seed`.
+    """
+    device = resolve_device(cfg.device)
+    on_gpu = device.type == "cuda"
+    if cfg.num_threads > 0:
+        torch.set_num_threads(cfg.num_threads)
+    rng = np.random.default_rng(seed)
+    generator = torch.Generator().manual_seed(seed)
+    transform = build_batch_augment(augment)
+    model.to(device)
+    if on_gpu:
+        model.to(memory_format=torch.channels_last)
+    n_steps = steps_per_epoch(len(train_specs), cfg.batch_size)
+    if n_steps == 0:
+        raise ValueError(f"{desc or 'fold'}: needs at least 2 training clips, got {len(train_specs)}")
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=cfg.lr, total_steps=cfg.epochs * n_steps
+    )
+    loss_fn = nn.BCEWithLogitsLoss()
+    history: list[EpochLog] = []
+    bar = tqdm(range(cfg.epochs), desc=desc or "train", unit="epoch", disable=not progress)
+    for epoch in bar:
+        model.train()
+        started, total_loss, seen = time.perf_counter(), 0.0, 0
+        for inputs, targets in training_batches(
+            train_specs, train_targets, cfg.batch_size, cfg.crop_frames, rng
+        ):
+            inputs, targets = transform(inputs, targets, generator)
+            inputs = inputs.to(device, non_blocking=True)
+            targets = targets.to(device, non_blocking=True)
+            if on_gpu:
+                inputs = inputs.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_gpu):
+                loss = loss_fn(model(inputs).float(), targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            total_loss += loss.item() * len(targets)
+            seen += len(targets)
+        train_seconds = time.perf_counter() - started
+        val_score = evaluate(model, val_specs, val_targets, cfg, device)
+        log = EpochLog(epoch, total_loss / seen, val_score, time.perf_counter() - started,
+                       seen / train_seconds)
+        history.append(log)
+        bar.set_postfix(loss=f"{log.train_loss:.4f}", val_lwlrap=f"{val_score:.3f}")
+        if on_epoch is not None:
+            on_epoch(log)
+    return history
+
+
+def evaluate(
+    model: nn.Module,
+    specs: Sequence[np.ndarray],
+    targets: np.ndarray,
+    cfg: TrainConfig,
+    device: torch.device,
+) -> float:
+    """lwlrap on held-out clips with the cheap per-epoch windows; NaN when there are none."""
+    if len(specs) == 0 or targets.sum() == 0:
+        return float("nan")
+    scores = predict_spectrograms([model], specs, cfg.crop_frames, cfg.val_window_step,
+                                  cfg.eval_batch_size, device)
+    return lwlrap(targets, scores)
