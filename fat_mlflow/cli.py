@@ -1,0 +1,287 @@
+"""`fat-mlflow`: the command line. A thin layer: parse options, call the pipeline modules.
+
+MLproject entry points call these commands, so `mlflow run . -e stage1 -P ...` and
+`fat-mlflow stage1 ...` do the same thing.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+
+from fat_mlflow.config import PROFILES, Profile, get_profile, parse_overrides
+
+ESC50_ENV = "FAT_MLFLOW_ESC50"
+
+
+def default_esc50_dir() -> Path:
+    """ESC-50 clips: $FAT_MLFLOW_ESC50, else ../shared/data/esc50 beside the working directory."""
+    return Path(os.environ.get(ESC50_ENV, Path.cwd().parent / "shared" / "data" / "esc50"))
+
+
+def _profile(name: str, overrides: tuple[str, ...], seed: int | None) -> Profile:
+    try:
+        values = parse_overrides([item for group in overrides for item in group.split()])
+        if seed is not None:
+            values["train.seed"] = str(seed)
+        return get_profile(name, values)
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="--profile/--set") from error
+
+
+def profile_options(func):
+    """--profile, --set and --seed, shared by every command that trains."""
+    func = click.option("--seed", type=int, default=None,
+                        help="Random seed (train.seed); same seed + profile = same run on CPU.")(func)
+    func = click.option("--set", "overrides", multiple=True, metavar="SECTION.FIELD=VALUE",
+                        help="Override config fields, e.g. --set train.epochs=3 "
+                             "--set 'augment.specmix=false train.lr=0.001'. Repeatable.")(func)
+    func = click.option("--profile", type=click.Choice(sorted(PROFILES)), default="quick",
+                        show_default=True,
+                        help="Named settings: 'paper' = the seed's (width 1, 10 folds, batch "
+                             "128); 'quick' = CPU demo; 'tiny' = seconds, for tests.")(func)
+    return func
+
+
+def data_option(required: bool = True):
+    return click.option("--data", type=click.Path(file_okay=False, path_type=Path),
+                        required=required,
+                        help="Dataset root in the Kaggle FAT2019 layout (train_curated.csv, "
+                             "train_noisy.csv, sample_submission.csv, audio folders).")
+
+
+cache_option = click.option(
+    "--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+    help="Feature cache root (default $FAT_MLFLOW_CACHE or ./.fat_cache).")
+
+
+class _Group(click.Group):
+    """Turns the pipeline's input errors into one clear line instead of a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        from fat_mlflow.errors import USER_ERRORS
+
+        try:
+            return super().invoke(ctx)
+        except USER_ERRORS as error:
+            raise click.ClickException(f"{type(error).__name__}: {error}") from error
+
+
+@click.group(cls=_Group,
+             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="fat-mlflow")
+def main() -> None:
+    """FAT2019 warm-up pipeline (8th place) with SpecMix, tracked with MLflow.
+
+    Runs log to $MLFLOW_TRACKING_URI, or to ./mlflow.db (SQLite) when it is unset.
+    Typical order: demo-data -> features -> stage1 .. stage4 -> ensemble, or `pipeline`
+    for all of them.
+    """
+
+
+@main.command("demo-data")
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--esc50", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              default=None, help=f"ESC-50 folder (default ${ESC50_ENV} or ../shared/data/esc50).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Split and noise seed.")
+@click.option("--scale", type=float, default=1.0, show_default=True,
+              help="Shrink (<1) every set, e.g. 0.2 for a seconds-long smoke test.")
+def demo_data(out_dir: Path, esc50: Path | None, seed: int, scale: float) -> None:
+    """Build the demo dataset (FAT2019 layout) from real ESC-50 clips into OUT_DIR.
+
+    Curated = clean single-label clips; noisy = longer concatenated/mixed clips with
+    wrong, missing and extra labels (noise_truth.csv says which); test = held-out
+    clips and mixtures with test_truth.csv. No source recording spans two splits.
+    """
+    from fat_mlflow.demo import build_demo_dataset
+
+    summary = build_demo_dataset(esc50 or default_esc50_dir(), out_dir, seed=seed, scale=scale)
+    for key, value in summary.items():
+        click.echo(f"{key}: {value}")
+
+
+@main.command()
+@data_option()
+@profile_options
+@cache_option
+@click.option("--jobs", type=int, default=0, show_default=True,
+              help="Worker processes (0 = all CPU cores).")
+def features(data: Path, profile: str, overrides: tuple[str, ...], seed: int | None,
+             cache_dir: Path | None, jobs: int) -> None:
+    """Compute (or reuse) the log-mel cache of every clip and log cache stats to MLflow."""
+    from fat_mlflow.featurize import run_features
+
+    stats = run_features(data, _profile(profile, overrides, seed).features, cache_dir, jobs)
+    click.echo(f"{stats.n_clips} clips: {stats.n_computed} computed, {stats.n_reused} reused, "
+               f"{stats.n_failed} failed in {stats.seconds:.1f} s")
+
+
+def _stage_command(stage: str, summary: str):
+    needs_init = stage != "stage1"
+
+    @main.command(stage, help=summary)
+    @data_option()
+    @profile_options
+    @cache_option
+    @click.option("--init-run-id", default=None, required=False,
+                  help="Warm start: fold k starts from fold k of this earlier run "
+                       + ("(the previous stage)." if needs_init else "(optional)."))
+    @click.option("--resume-run-id", default=None,
+                  help="Continue an interrupted run of this stage at its first unfinished fold.")
+    @click.option("--bad-audio", type=click.Choice(["stop", "skip"]), default="stop",
+                  show_default=True,
+                  help="Undecodable clips: stop and list them all, or skip and log them.")
+    @click.option("--selection-run-ids", default="", show_default=False,
+                  help="stage3: 'STAGE1_RUN,STAGE2_RUN'; stage4: 'STAGE3_RUN'.",
+                  hidden=stage in ("stage1", "stage2"))
+    @click.option("--threshold", type=float, default=0.5, show_default=True,
+                  help="stage3: keep noisy clips with sqrt(lwlrap1*lwlrap2) >= this.",
+                  hidden=stage != "stage3")
+    @click.option("--max-per-label-per-fold", type=int, default=5, show_default=True,
+                  help="stage3: at most this many selected clips per label and fold.",
+                  hidden=stage != "stage3")
+    def command(data, profile, overrides, seed, cache_dir, init_run_id, resume_run_id,
+                bad_audio, selection_run_ids, threshold, max_per_label_per_fold):
+        from fat_mlflow.stages import StageRequest, run_stage
+
+        request = StageRequest(
+            stage=stage, data=data, profile=_profile(profile, overrides, seed),
+            init_run_id=init_run_id or None, resume_run_id=resume_run_id or None,
+            selection_run_ids=[r.strip() for r in selection_run_ids.split(",") if r.strip()],
+            threshold=threshold, max_per_label_per_fold=max_per_label_per_fold,
+            cache_dir=cache_dir, bad_audio=bad_audio,
+        )
+        run_id = run_stage(request)
+        click.echo(f"{stage} run: {run_id}")
+
+    return command
+
+
+_stage_command("stage1", "Stage 1: train on the noisy set only, from scratch (model 1).")
+_stage_command("stage2", "Stage 2: train on the curated set, warm-started from stage 1 (model 2).")
+_stage_command("stage3", "Stage 3: curated + noisy clips that models 1 and 2 agree on "
+                         "(geometric mean lwlrap >= threshold), warm-started from stage 2.")
+_stage_command("stage4", "Stage 4: curated + noisy clips model 3 ranks perfectly "
+                         "(lwlrap == 1), warm-started from stage 3.")
+
+
+@main.command()
+@data_option(required=False)
+@profile_options
+@cache_option
+@click.option("--archs", default="", metavar="cnn[,vgg16]",
+              help="Networks to train through every stage and ensemble "
+                   "(default: cnn for quick/tiny, cnn,vgg16 for paper).")
+@click.option("--esc50", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="ESC-50 folder for the demo data when --data is not given.")
+@click.option("--registered-model", default="fat2019-tagger", show_default=True,
+              help="Model-registry name of the ensemble.")
+def pipeline(data, profile, overrides, seed, cache_dir, archs, esc50, registered_model):
+    """The whole warm-up pipeline: features, stages 1-4, ensemble (the `main` entry point).
+
+    Without --data it builds (or reuses) the demo dataset in ./demo_data. Stages that
+    already finished with the same inputs are reused; an interrupted one is resumed.
+    """
+    from fat_mlflow.pipeline import PipelineRequest, run_pipeline
+
+    chosen = _profile(profile, overrides, seed)
+    arch_list = [a.strip() for a in archs.split(",") if a.strip()] or (
+        ["cnn", "vgg16"] if chosen.name == "paper" else ["cnn"])
+    request = PipelineRequest(data=data or None, profile=chosen, archs=arch_list,
+                              esc50=esc50 or default_esc50_dir(), cache_dir=cache_dir,
+                              registered_model=registered_model)
+    parent_id, table = run_pipeline(request)
+    columns = [c for c in ("model", "lwlrap_noisy", "lwlrap_curated", "lwlrap_test",
+                           "selection_precision", "noisy_base_rate") if c in table]
+    click.echo(f"\npipeline run {parent_id}: stage report (the seed's Table 2 on this data)")
+    click.echo(table[columns].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+
+# --- ensemble and serving commands (fat_mlflow.ensemble / fat_mlflow.tagger) below ---
+
+DEFAULT_MODEL_URI = "models:/fat2019-tagger@champion"
+model_option = click.option("--model", "model_uri", default=DEFAULT_MODEL_URI, show_default=True,
+                            help="Tagger model URI: models:/NAME@ALIAS, models:/NAME/VERSION, "
+                                 "runs:/RUN_ID/tagger or a local folder.")
+
+
+def _load_tagger(model_uri: str):
+    import mlflow
+
+    from fat_mlflow.tracking import configure_tracking
+
+    configure_tracking()
+    try:
+        return mlflow.pyfunc.load_model(model_uri)
+    except (mlflow.exceptions.MlflowException, OSError) as error:
+        raise click.ClickException(f"cannot load model {model_uri}: {error}") from error
+
+
+@main.command()
+@click.option("--run-ids", required=True,
+              help="Comma-separated stage run IDs (e.g. the stage 2, 3 and 4 runs; CNN and VGG "
+                   "runs may be mixed).")
+@click.option("--registered-model", default="fat2019-tagger", show_default=True,
+              help="Model-registry name; every call registers a new version.")
+@click.option("--alias", default="champion", show_default=True,
+              help="Alias moved to the new version when its test lwlrap is not worse.")
+@click.option("--data", type=click.Path(file_okay=False), default="",
+              help="The runs' dataset; with test_truth.csv the ensemble is scored on the test "
+                   "set. Empty: no scoring, and the alias moves only if no version holds it.")
+def ensemble(run_ids: str, registered_model: str, alias: str, data: str) -> None:
+    """Build the ensemble of stage runs as one pyfunc model and register it."""
+    from fat_mlflow.ensemble import build_ensemble
+
+    ids = [run_id.strip() for run_id in run_ids.split(",") if run_id.strip()]
+    run_id, version = build_ensemble(ids, registered_model=registered_model, alias=alias,
+                                     data=Path(data) if data else None)
+    click.echo(f"ensemble run: {run_id}")
+    click.echo(f"registered: models:/{registered_model}/{version}")
+
+
+@main.command()
+@model_option
+@click.argument("source", type=click.Path(exists=True, path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
+              default=Path("submission.csv"), show_default=True, help="Submission CSV to write.")
+@click.option("--audio-dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              default=None, help="Folder of the clips a CSV SOURCE names (default: test/ beside it).")
+@click.option("--batch-clips", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Clips scored per model call.")
+def predict(model_uri: str, source: Path, output: Path, audio_dir: Path | None,
+            batch_clips: int) -> None:
+    """Score SOURCE (an audio folder, or a CSV such as sample_submission.csv) into a Kaggle
+    submission: fname + one column per class in the model's vocabulary order."""
+    from fat_mlflow.submission import SubmissionError, list_clips, make_submission
+
+    clips, classes = list_clips(source, audio_dir)
+    model = _load_tagger(model_uri)
+    try:
+        submission = make_submission(model, clips, classes, batch_clips)
+    except SubmissionError as error:
+        raise click.ClickException(str(error)) from error
+    submission.to_csv(output, index=False)
+    click.echo(f"wrote {len(submission)} rows to {output}")
+
+
+@main.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@model_option
+@click.option("--top-k", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Labels shown per file.")
+def tag(files: tuple[Path, ...], model_uri: str, top_k: int) -> None:
+    """Print the top labels of a few audio FILES, with their scores."""
+    from fat_mlflow.submission import score_files
+    from fat_mlflow.tagger import ERROR_COLUMN, TOP_LABELS_COLUMN
+
+    model = _load_tagger(model_uri)
+    scored = score_files(model, [str(f) for f in files], progress=False, params={"top_k": top_k})
+    for file, (_, row) in zip(files, scored.iterrows()):
+        if row[ERROR_COLUMN]:
+            click.echo(f"{file}: ERROR {row[ERROR_COLUMN]}")
+            continue
+        labels = row[TOP_LABELS_COLUMN].split(",")
+        click.echo(f"{file}: " + ", ".join(f"{label} {row[label]:.3f}" for label in labels))
+    failed = int((scored[ERROR_COLUMN] != "").sum())
+    if failed:
+        raise click.ClickException(f"{failed} of {len(files)} file(s) could not be tagged")

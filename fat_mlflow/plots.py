@@ -1,0 +1,56 @@
+"""Figures people would rather look at than read: training curves and the stage table."""
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+
+def plot_fold_curves(histories: dict[int, pd.DataFrame], title: str = "") -> Figure:
+    """Train loss and validation lwlrap per epoch, one line per fold.
+
+    `histories[fold]` has columns epoch, train_loss, val_lwlrap.
+    """
+    figure, (loss_axis, score_axis) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for fold, history in sorted(histories.items()):
+        loss_axis.plot(history["epoch"], history["train_loss"], label=f"fold {fold}")
+        if "val_lwlrap" in history:
+            score_axis.plot(history["epoch"], history["val_lwlrap"], label=f"fold {fold}")
+    loss_axis.set(xlabel="epoch", ylabel="train BCE loss", title="training loss")
+    score_axis.set(xlabel="epoch", ylabel="lwlrap", title="validation lwlrap (held-out fold)")
+    score_axis.legend(fontsize="small")
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    return figure
+
+
+def plot_stage_table(table: pd.DataFrame) -> Figure:
+    """Grouped bars of the seed's Table 2 columns (lwlrap noisy / curated / test) per model."""
+    columns = [c for c in ("lwlrap_noisy", "lwlrap_curated", "lwlrap_test") if c in table]
+    figure, axis = plt.subplots(figsize=(1.6 + 1.3 * len(table), 3.8))
+    width = 0.8 / max(len(columns), 1)
+    for i, column in enumerate(columns):
+        positions = [x + i * width for x in range(len(table))]
+        bars = axis.bar(positions, table[column], width, label=column.removeprefix("lwlrap_"))
+        axis.bar_label(bars, fmt="%.3f", fontsize=7, padding=1)
+    axis.set_xticks([x + width * (len(columns) - 1) / 2 for x in range(len(table))])
+    axis.set_xticklabels(table["model"], rotation=20, ha="right")
+    axis.set(ylabel="lwlrap", ylim=(0, 1.05), title="warm-up pipeline: lwlrap per stage")
+    axis.legend(fontsize="small", ncols=len(columns))
+    figure.tight_layout()
+    return figure
+
+
+def plot_per_class(per_class: pd.Series, title: str) -> Figure:
+    """Horizontal bars of per-class lwlrap, worst classes at the bottom."""
+    ordered = per_class.sort_values()
+    figure, axis = plt.subplots(figsize=(6, 0.18 * len(ordered) + 1.2))
+    axis.barh(ordered.index, ordered.values)
+    axis.set(xlabel="lwlrap", xlim=(0, 1), title=title)
+    axis.tick_params(axis="y", labelsize=6)
+    figure.tight_layout()
+    return figure

@@ -1,0 +1,271 @@
+"""The four warm-up stages as compositions of data, selection, cross-validation and tracking.
+
+Every stage is the same engine with three choices: which clips it trains on, which run it
+warm-starts from, and (stages 3 and 4) which earlier runs select its noisy clips.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+
+from fat_mlflow.config import Profile
+from fat_mlflow.crossval import ClipSet, CrossValResult, run_cross_validation
+from fat_mlflow.data import FatDataset, dataset_fingerprint, load_dataset
+from fat_mlflow.features import FeatureCache
+from fat_mlflow.folds import assign_folds, folds_for
+from fat_mlflow.models import build_model, load_checkpoint
+from fat_mlflow.plots import plot_fold_curves
+from fat_mlflow.selection import (
+    label_counts,
+    select_by_agreement,
+    select_perfect,
+    selection_precision,
+)
+from fat_mlflow.tracking import (
+    FOLDS_ARTIFACT,
+    PROFILE_ARTIFACT,
+    TAG_ARCH,
+    TAG_COMPLETE,
+    TAG_DATASET,
+    TAG_PIPELINE,
+    TAG_STAGE,
+    VOCABULARY_ARTIFACT,
+    MlflowFoldStore,
+    RunLookupError,
+    check_source_run,
+    configure_tracking,
+    fold_histories,
+    fold_model_path,
+    log_table,
+    read_table,
+)
+
+STAGES = ("stage1", "stage2", "stage3", "stage4")
+WARM_START_FROM = {"stage2": "stage1", "stage3": "stage2", "stage4": "stage3"}
+
+
+class BadAudioError(ValueError):
+    """Some clips of the dataset cannot be decoded; lists every one of them."""
+
+    def __init__(self, failures: dict[str, str]):
+        self.failures = failures
+        listing = "\n".join(f"  {path}: {reason}" for path, reason in sorted(failures.items()))
+        super().__init__(
+            f"{len(failures)} audio file(s) cannot be used:\n{listing}\n"
+            "fix or remove them, or pass --bad-audio skip to leave them out (they are then "
+            "logged as the artifact bad_audio.csv)"
+        )
+
+
+@dataclass
+class StageRequest:
+    """What one stage run is asked to do; the CLI and the pipeline build these."""
+
+    stage: str
+    data: Path
+    profile: Profile
+    init_run_id: str | None = None
+    selection_run_ids: list[str] = field(default_factory=list)
+    resume_run_id: str | None = None
+    threshold: float = 0.5
+    max_per_label_per_fold: int = 5
+    cache_dir: Path | None = None
+    bad_audio: str = "stop"  # or "skip"
+    pipeline_run_id: str | None = None
+    progress: bool = True
+
+
+@dataclass
+class StageData:
+    dataset: FatDataset
+    fingerprint: str
+    sets: dict[str, ClipSet]
+    test: ClipSet | None
+    bad_audio: dict[str, str]
+
+
+def load_stage_data(request: StageRequest, dataset: FatDataset,
+                    folds: pd.DataFrame | None) -> tuple[StageData, pd.DataFrame]:
+    """Cached features + fold assignment (reused when an earlier run gave one)."""
+    cache = FeatureCache(request.cache_dir, request.profile.features)
+    frames = {"curated": dataset.curated, "test": dataset.test}
+    if dataset.has_noisy:
+        frames["noisy"] = dataset.noisy
+    stats = cache.compute([p for frame in frames.values() for p in frame["path"]],
+                          progress=request.progress)
+    if stats.failures and request.bad_audio != "skip":
+        raise BadAudioError(stats.failures)
+    bad = {str(p) for p in stats.failures}
+    frames = {name: frame[~frame["path"].astype(str).isin(bad)].reset_index(drop=True)
+              for name, frame in frames.items()}
+    training = {name: frames[name] for name in ("curated", "noisy") if name in frames}
+    if folds is None:
+        folds = assign_folds({name: (frame["fname"], dataset.targets(frame))
+                              for name, frame in training.items()},
+                             request.profile.train.n_folds, request.profile.train.seed)
+    sets = {name: ClipSet(name, list(frame["fname"]), cache.load_many(frame["path"]),
+                          dataset.targets(frame), folds_for(folds, name, frame["fname"]))
+            for name, frame in training.items()}
+    test_frame = frames["test"]
+    test = None
+    if len(test_frame):
+        targets = (dataset.targets(test_frame) if dataset.has_test_truth
+                   else np.zeros((len(test_frame), len(dataset.vocabulary)), np.float32))
+        test = ClipSet("test", list(test_frame["fname"]), cache.load_many(test_frame["path"]),
+                       targets, np.full(len(test_frame), -1))
+    data = StageData(dataset, dataset_fingerprint(dataset), sets, test, stats.failures)
+    return data, folds
+
+
+def _noisy_labels(dataset: FatDataset) -> pd.Series:
+    return dataset.noisy.set_index("fname")["labels"]
+
+
+SELECTION_SOURCES = {"stage3": ("stage1", "stage2"), "stage4": ("stage3",)}
+
+
+def check_sources(request: StageRequest, fingerprint: str) -> None:
+    """Validate every run ID the stage builds on before any feature is computed."""
+    expected = SELECTION_SOURCES.get(request.stage, ())
+    if len(request.selection_run_ids) != len(expected):
+        raise RunLookupError(
+            f"{request.stage} selects noisy clips with {len(expected) or 'no'} earlier run(s) "
+            f"({', '.join(expected) or '-'}); got {len(request.selection_run_ids)}"
+        )
+    for run_id, stage in zip(request.selection_run_ids, expected):
+        check_source_run(run_id, (stage,), fingerprint)
+    if request.init_run_id:
+        previous = WARM_START_FROM.get(request.stage)
+        init_run = check_source_run(request.init_run_id,
+                                    (previous,) if previous else STAGES, fingerprint)
+        arch = request.profile.train.arch
+        if init_run.data.tags.get(TAG_ARCH) != arch:
+            raise RunLookupError(f"run {request.init_run_id} trained "
+                                 f"{init_run.data.tags.get(TAG_ARCH)}, this stage trains {arch}: "
+                                 "warm start needs the same network")
+    if request.resume_run_id:
+        check_source_run(request.resume_run_id, (request.stage,), fingerprint,
+                         need_complete=False)
+
+
+def select_noisy(request: StageRequest, data: StageData) -> pd.DataFrame | None:
+    """The stage's selection of noisy clips, read from the earlier runs BY RUN ID."""
+    labels = _noisy_labels(data.dataset)
+    tables = [read_table(run_id, "oof/noisy.csv") for run_id in request.selection_run_ids]
+    if request.stage == "stage3":
+        return select_by_agreement(*tables, labels, request.threshold,
+                                   request.max_per_label_per_fold)
+    if request.stage == "stage4":
+        return select_perfect(*tables, labels)
+    return None
+
+
+def training_masks(stage: str, data: StageData, selection: pd.DataFrame | None) -> dict[str, np.ndarray]:
+    if stage == "stage1":
+        if "noisy" not in data.sets:
+            raise ValueError("stage1 trains on the noisy set, and this dataset has none")
+        return {"noisy": np.ones(len(data.sets["noisy"].fnames), bool)}
+    masks = {"curated": np.ones(len(data.sets["curated"].fnames), bool)}
+    if selection is not None and "noisy" in data.sets:
+        masks["noisy"] = np.isin(data.sets["noisy"].fnames, selection["fname"])
+    return masks
+
+
+def _source_folds(request: StageRequest) -> pd.DataFrame | None:
+    """Later stages inherit the fold assignment of the run they build on."""
+    for run_id in [request.resume_run_id, request.init_run_id, *request.selection_run_ids]:
+        if run_id:
+            return read_table(run_id, FOLDS_ARTIFACT)
+    return None
+
+
+def _start_run(request: StageRequest) -> mlflow.ActiveRun:
+    if request.resume_run_id:
+        return mlflow.start_run(run_id=request.resume_run_id,
+                                nested=mlflow.active_run() is not None)
+    return mlflow.start_run(
+        run_name=f"{request.stage}-{request.profile.train.arch}",
+        nested=mlflow.active_run() is not None,
+        parent_run_id=request.pipeline_run_id,
+    )
+
+
+def run_stage(request: StageRequest) -> str:
+    """Train (or resume) one stage run end to end; returns its run ID."""
+    if request.stage not in STAGES:
+        raise ValueError(f"unknown stage {request.stage!r}; one of {', '.join(STAGES)}")
+    configure_tracking()
+    profile, cfg = request.profile, request.profile.train
+    dataset = load_dataset(request.data)
+    check_sources(request, dataset_fingerprint(dataset))
+    data, folds = load_stage_data(request, dataset, _source_folds(request))
+    vocabulary = dataset.vocabulary
+    selection = select_noisy(request, data)
+    with _start_run(request) as run:
+        run_id = run.info.run_id
+        if not request.resume_run_id:
+            _log_inputs(request, data, folds, selection)
+
+        def make_model(fold: int):
+            if request.init_run_id:
+                return load_checkpoint(fold_model_path(request.init_run_id, fold))
+            return build_model(cfg.arch, len(vocabulary), cfg.width)
+
+        store = MlflowFoldStore(run_id, cfg.arch, cfg.width, len(vocabulary))
+        result = run_cross_validation(data.sets, training_masks(request.stage, data, selection),
+                                      data.test, vocabulary, profile, make_model, store,
+                                      progress=request.progress)
+        _log_outputs(result, data, vocabulary, cfg.n_folds)
+        mlflow.set_tag(TAG_COMPLETE, "true")
+    return run_id
+
+
+def _log_inputs(request: StageRequest, data: StageData, folds: pd.DataFrame,
+                selection: pd.DataFrame | None) -> None:
+    mlflow.set_tags({TAG_STAGE: request.stage, TAG_DATASET: data.fingerprint,
+                     TAG_ARCH: request.profile.train.arch, TAG_COMPLETE: "false",
+                     **({TAG_PIPELINE: request.pipeline_run_id} if request.pipeline_run_id else {})})
+    mlflow.log_params({**request.profile.flat(), "data": str(request.data),
+                       "init_run_id": request.init_run_id or "",
+                       "selection_run_ids": ",".join(request.selection_run_ids),
+                       "threshold": request.threshold,
+                       "max_per_label_per_fold": request.max_per_label_per_fold,
+                       "bad_audio": request.bad_audio})
+    log_table(folds, FOLDS_ARTIFACT)
+    mlflow.log_dict(json.loads(json.dumps(request.profile.flat())), PROFILE_ARTIFACT)
+    mlflow.log_dict(data.dataset.vocabulary, VOCABULARY_ARTIFACT)
+    if data.bad_audio:
+        log_table(pd.DataFrame(sorted(data.bad_audio.items()), columns=["path", "reason"]),
+                  "bad_audio.csv")
+    if selection is not None:
+        _log_selection(selection, data)
+
+
+def _log_selection(selection: pd.DataFrame, data: StageData) -> None:
+    table = selection.assign(labels=selection["labels"].map(",".join))
+    log_table(table, "selection/selected.csv")
+    log_table(label_counts(selection, data.dataset.vocabulary), "selection/label_counts.csv")
+    metrics = {"selected_clips": float(len(selection))}
+    truth_path = Path(data.dataset.root) / "noise_truth.csv"
+    if truth_path.exists():
+        metrics.update(selection_precision(selection, pd.read_csv(truth_path)))
+    mlflow.log_metrics(metrics)
+
+
+def _log_outputs(result: CrossValResult, data: StageData, vocabulary: list[str],
+                 n_folds: int) -> None:
+    for name, table in result.oof.items():
+        log_table(table, f"oof/{name}.csv")
+    if result.test_scores is not None and data.test is not None:
+        scores = pd.DataFrame(result.test_scores, columns=vocabulary)
+        scores.insert(0, "fname", data.test.fnames)
+        log_table(scores, "test_scores.csv")
+    mlflow.log_metrics({f"lwlrap_{name}": value for name, value in result.lwlrap.items()})
+    run_id = mlflow.active_run().info.run_id
+    histories = fold_histories(run_id, n_folds)
+    mlflow.log_figure(plot_fold_curves(histories, title=run_id), "curves.png")

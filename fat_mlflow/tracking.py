@@ -1,0 +1,181 @@
+"""The MLflow layer: where stage runs keep their folds, and how later stages find them by ID.
+
+Everything a later stage needs (fold assignment, fold models, out-of-fold tables) is read
+back from the tracking store by run ID, never from a local path, so the same code works
+with the embedded SQLite store and with a remote tracking server.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from torch import nn
+
+from fat_mlflow.crossval import FoldResult
+from fat_mlflow.models import save_checkpoint
+from fat_mlflow.training import EpochLog
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+TAG_STAGE = "fat.stage"
+TAG_DATASET = "fat.dataset"
+TAG_ARCH = "fat.arch"
+TAG_COMPLETE = "fat.complete"
+TAG_PIPELINE = "fat.pipeline_run_id"
+FOLDS_ARTIFACT = "folds.csv"
+PROFILE_ARTIFACT = "profile.json"
+VOCABULARY_ARTIFACT = "vocabulary.json"
+
+
+class RunLookupError(ValueError):
+    """A run ID given to a stage cannot serve it (missing, wrong stage or data, unfinished)."""
+
+
+def configure_tracking() -> str:
+    """Use MLFLOW_TRACKING_URI when set, else a SQLite file in the working directory."""
+    # Our own bars show progress; one bar per small artifact download is noise.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        mlflow.set_tracking_uri(DEFAULT_TRACKING_URI)
+    return mlflow.get_tracking_uri()
+
+
+def get_run(run_id: str) -> Run:
+    try:
+        return MlflowClient().get_run(run_id)
+    except MlflowException as error:
+        raise RunLookupError(
+            f"run {run_id!r} does not exist in the tracking store {mlflow.get_tracking_uri()}"
+        ) from error
+
+
+def check_source_run(
+    run_id: str, expected_stages: tuple[str, ...], dataset: str, need_complete: bool = True
+) -> Run:
+    """Fetch a run another stage builds on, and say precisely why it does not fit."""
+    run = get_run(run_id)
+    stage = run.data.tags.get(TAG_STAGE)
+    if stage not in expected_stages:
+        raise RunLookupError(
+            f"run {run_id} is a {stage or 'non-fat-mlflow'} run; expected a run of "
+            f"{' or '.join(expected_stages)}"
+        )
+    if run.data.tags.get(TAG_DATASET) != dataset:
+        raise RunLookupError(
+            f"run {run_id} was trained on another dataset (fingerprint "
+            f"{run.data.tags.get(TAG_DATASET)}, this data is {dataset})"
+        )
+    if need_complete and run.data.tags.get(TAG_COMPLETE) != "true":
+        raise RunLookupError(
+            f"run {run_id} ({stage}) has not finished all its folds; resume it with "
+            f"--resume-run-id {run_id} first"
+        )
+    return run
+
+
+def download(run_id: str, artifact_path: str, dst: Path | None = None) -> Path:
+    get_run(run_id)  # a clear "does not exist" before any artifact error
+    dst = dst or Path(tempfile.mkdtemp(prefix="fat-mlflow-"))
+    try:
+        local = mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path=artifact_path, dst_path=str(dst)
+        )
+    except (MlflowException, OSError) as error:
+        raise RunLookupError(f"run {run_id} has no artifact {artifact_path!r}") from error
+    return Path(local)
+
+
+def read_table(run_id: str, artifact_path: str) -> pd.DataFrame:
+    return pd.read_csv(download(run_id, artifact_path))
+
+
+def read_json(run_id: str, artifact_path: str):
+    return json.loads(download(run_id, artifact_path).read_text())
+
+
+def fold_model_path(run_id: str, fold: int) -> Path:
+    return download(run_id, f"folds/fold_{fold}/model.pt")
+
+
+def fold_histories(run_id: str, n_folds: int) -> dict[int, pd.DataFrame]:
+    """Per-epoch curves of every fold, read back from the run's metric history."""
+    client = MlflowClient()
+    histories = {}
+    for fold in range(n_folds):
+        columns = {}
+        for metric in ("train_loss", "val_lwlrap"):
+            points = client.get_metric_history(run_id, f"fold{fold}_{metric}")
+            columns[metric] = pd.Series({p.step: p.value for p in points}, dtype=float)
+        if len(columns["train_loss"]):
+            table = pd.DataFrame(columns).rename_axis("epoch").reset_index()
+            histories[fold] = table
+    return histories
+
+
+def log_table(table: pd.DataFrame, artifact_path: str) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(artifact_path).name
+        table.to_csv(path, index=False)
+        folder = str(Path(artifact_path).parent)
+        mlflow.log_artifact(str(path), None if folder == "." else folder)
+
+
+def log_json(payload, artifact_path: str) -> None:
+    mlflow.log_dict(payload, artifact_path)
+
+
+class MlflowFoldStore:
+    """Keeps each finished fold (model + scores) as artifacts of the stage run.
+
+    A fold counts as finished only when its scores file exists; the model is logged
+    first, so an interruption between the two simply retrains that fold.
+    """
+
+    def __init__(self, run_id: str, arch: str, width: float, n_classes: int):
+        self.run_id = run_id
+        self.arch, self.width, self.n_classes = arch, width, n_classes
+        self.client = MlflowClient()
+
+    def finished_folds(self) -> dict[int, FoldResult]:
+        finished: dict[int, FoldResult] = {}
+        for entry in self.client.list_artifacts(self.run_id, "folds"):
+            names = {Path(f.path).name for f in self.client.list_artifacts(self.run_id, entry.path)}
+            if {"model.pt", "scores.npz"} <= names:
+                fold = int(Path(entry.path).name.removeprefix("fold_"))
+                finished[fold] = self._load_scores(fold)
+        return finished
+
+    def _load_scores(self, fold: int) -> FoldResult:
+        with np.load(download(self.run_id, f"folds/fold_{fold}/scores.npz")) as data:
+            oof = {key.removeprefix("oof_"): data[key] for key in data.files if key.startswith("oof_")}
+            test = data["test"] if "test" in data.files else None
+        return FoldResult(fold, oof, test)
+
+    def log_epoch(self, fold: int, log: EpochLog) -> None:
+        metrics = {f"fold{fold}_train_loss": log.train_loss,
+                   f"fold{fold}_samples_per_s": log.samples_per_second}
+        if not np.isnan(log.val_lwlrap):
+            metrics[f"fold{fold}_val_lwlrap"] = log.val_lwlrap
+        mlflow.log_metrics(metrics, step=log.epoch, run_id=self.run_id)
+
+    def save_fold(self, result: FoldResult, model: nn.Module) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            model_path = Path(tmp) / "model.pt"
+            save_checkpoint(model.cpu(), model_path, arch=self.arch, width=self.width,
+                            n_classes=self.n_classes)
+            self.client.log_artifact(self.run_id, str(model_path), f"folds/fold_{result.fold}")
+            arrays = {f"oof_{name}": scores for name, scores in result.oof.items()}
+            if result.test is not None:
+                arrays["test"] = result.test
+            scores_path = Path(tmp) / "scores.npz"
+            np.savez(scores_path, **arrays)
+            self.client.log_artifact(self.run_id, str(scores_path), f"folds/fold_{result.fold}")
+        mlflow.log_metrics({f"fold{result.fold}_lwlrap_{name}": value
+                            for name, value in result.lwlrap.items()}, run_id=self.run_id)
