@@ -88,8 +88,12 @@ def load_dataset(root: Path | str) -> FatDataset:
         shown = "\n  ".join(problems[:MAX_LISTED_PROBLEMS])
         more = len(problems) - MAX_LISTED_PROBLEMS
         tail = f"\n  ... and {more} more" if more > 0 else ""
-        raise DataLayoutError(f"{len(problems)} problem(s) in the dataset at {root}:\n  {shown}{tail}")
-    return FatDataset(root=root, vocabulary=vocabulary, curated=curated, test=test, noisy_or_none=noisy)
+        raise DataLayoutError(
+            f"{len(problems)} problem(s) in the dataset at {root}:\n  {shown}{tail}"
+        )
+    return FatDataset(
+        root=root, vocabulary=vocabulary, curated=curated, test=test, noisy_or_none=noisy
+    )
 
 
 def dataset_fingerprint(ds: FatDataset) -> str:
@@ -117,16 +121,16 @@ def _read_csv(path: Path, required: list[str]) -> pd.DataFrame:
     try:
         df = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
     except UnicodeDecodeError as error:
-        raise DataLayoutError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from error
+        raise DataLayoutError(
+            f"{path}: not UTF-8 text ({error.reason} at byte {error.start})"
+        ) from error
     except pd.errors.EmptyDataError as error:
         raise DataLayoutError(f"{path}: empty file, expected a header row") from error
     except pd.errors.ParserError as error:
         raise DataLayoutError(f"{path}: malformed CSV ({error})") from error
     missing = [column for column in required if column not in df.columns]
     if missing:
-        raise DataLayoutError(
-            f"{path}: missing column(s) {missing}; found {list(df.columns)}"
-        )
+        raise DataLayoutError(f"{path}: missing column(s) {missing}; found {list(df.columns)}")
     return df
 
 
@@ -168,10 +172,10 @@ def _test_split(
         return _frame(fnames, folder, None)
     truth = _read_csv(truth_path, ["fname", "labels"])
     labels = _parsed_labels(truth_path, truth["fname"], truth["labels"], set(vocabulary), problems)
-    problems += [
-        f"{truth_path.name}: fname {f!r} is not a test clip" for f in sorted(set(truth["fname"]) - set(fnames))
-    ]
-    problems += [f"{truth_path.name}: no labels for test clip {f!r}" for f in fnames if f not in set(truth["fname"])]
+    listed, scored = set(fnames), set(truth["fname"])
+    where = truth_path.name
+    problems += [f"{where}: fname {f!r} is not a test clip" for f in sorted(scored - listed)]
+    problems += [f"{where}: no labels for test clip {f!r}" for f in fnames if f not in scored]
     return _frame(fnames, folder, labels)
 
 
@@ -180,7 +184,9 @@ def _checked_files(
 ) -> list[str]:
     """Keep safe, unique, existing file names; report the others."""
     if fnames and not folder.is_dir():
-        raise DataLayoutError(f"{folder}: folder not found, but {csv_path.name} lists {len(fnames)} clips")
+        raise DataLayoutError(
+            f"{folder}: folder not found, but {csv_path.name} lists {len(fnames)} clips"
+        )
     seen: set[str] = set()
     kept: list[str] = []
     for line, fname in enumerate(fnames, start=2):
@@ -223,7 +229,9 @@ def _parsed_labels(
             continue
         bad = [label for label in labels if label not in vocabulary]
         problems += [
-            f"{where}: label {label!r} is not in the vocabulary" if label else f"{where}: empty label in {raw!r}"
+            f"{where}: label {label!r} is not in the vocabulary"
+            if label
+            else f"{where}: empty label in {raw!r}"
             for label in bad
         ]
         if not bad:

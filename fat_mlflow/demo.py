@@ -74,7 +74,8 @@ def build_demo_dataset(
             fname = next(names)
             wave = _render(clips, audio_dir, rng)
             sf.write(out_dir / split / fname, wave, SAMPLE_RATE, subtype="PCM_16")
-            written[split].append({"fname": fname, "labels": labels, "seconds": wave.size / SAMPLE_RATE})
+            seconds = wave.size / SAMPLE_RATE
+            written[split].append({"fname": fname, "labels": labels, "seconds": seconds})
             sources.append(
                 {
                     "fname": fname,
@@ -122,7 +123,9 @@ def build_demo_dataset(
 def _read_meta(esc50_dir: Path) -> pd.DataFrame:
     path = esc50_dir / "meta" / "esc50.csv"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: ESC-50 metadata not found (is {esc50_dir} the ESC-50 folder?)")
+        raise FileNotFoundError(
+            f"{path}: ESC-50 metadata not found (is {esc50_dir} the ESC-50 folder?)"
+        )
     meta = pd.read_csv(path)
     missing = {"filename", "target", "category", "src_file"} - set(meta.columns)
     if missing:
@@ -175,7 +178,9 @@ def _noisy_composition(
     return _pick(pool, first, count, rng), [first]
 
 
-def _test_compositions(pool: pd.DataFrame, rng: np.random.Generator) -> list[tuple[list, list[str]]]:
+def _test_compositions(
+    pool: pd.DataFrame, rng: np.random.Generator
+) -> list[tuple[list, list[str]]]:
     """As many test clips as pool clips: TEST_MIX_SHARE two-class mixtures, the rest single."""
     rows = list(pool.itertuples())
     n_mix = round(TEST_MIX_SHARE * len(rows)) if pool["category"].nunique() > 1 else 0

@@ -44,7 +44,9 @@ def test_stereo_is_averaged_to_mono(tmp_path, clip):
     np.testing.assert_allclose(load_audio(path, SR), (left + right) / 2, atol=1e-6)
 
 
-@pytest.mark.parametrize("subtype, tolerance", [("FLOAT", 1e-7), ("PCM_24", 2**-22), ("PCM_16", 2**-14)])
+@pytest.mark.parametrize(
+    "subtype, tolerance", [("FLOAT", 1e-7), ("PCM_24", 2**-22), ("PCM_16", 2**-14)]
+)
 def test_sample_formats_decode_to_the_same_float_signal(tmp_path, clip, subtype, tolerance):
     path = tmp_path / f"{subtype}.wav"
     sf.write(path, clip, SR, subtype=subtype)
@@ -149,7 +151,11 @@ def test_bytes_decode_like_the_file(tmp_path, clip):
 
 @pytest.mark.parametrize(
     "payload, reason",
-    [(b"", "empty file"), (b"RIFF\x00\x00\x00\x00WAVEjunk", "not a readable"), (b"hello" * 50, "not a readable")],
+    [
+        (b"", "empty file"),
+        (b"RIFF\x00\x00\x00\x00WAVEjunk", "not a readable"),
+        (b"hello" * 50, "not a readable"),
+    ],
 )
 def test_bad_bytes_name_the_upload(payload, reason):
     with pytest.raises(AudioError, match=reason) as info:

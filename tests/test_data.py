@@ -32,7 +32,7 @@ def write_layout(
     test: list[str] = ("t1.wav",),
     truth: list[tuple[str, str]] | None = None,
 ) -> Path:
-    """A FAT2019 layout whose CSVs list exactly the given rows and whose folders hold their files."""
+    """A FAT2019 layout whose CSVs list the given rows and whose folders hold their files."""
     splits = {"train_curated": curated, "train_noisy": noisy}
     for name, rows in splits.items():
         if rows is None:
@@ -49,7 +49,8 @@ def write_layout(
     submission.insert(0, "fname", list(test))
     submission.to_csv(root / "sample_submission.csv", index=False)
     if truth is not None:
-        pd.DataFrame(truth, columns=["fname", "labels"]).to_csv(root / "test_truth.csv", index=False)
+        truth_frame = pd.DataFrame(truth, columns=["fname", "labels"])
+        truth_frame.to_csv(root / "test_truth.csv", index=False)
     return root
 
 
@@ -126,13 +127,15 @@ def test_blank_labels(tmp_path, wav_bytes):
 def test_label_outside_the_vocabulary(tmp_path, wav_bytes):
     root = write_layout(tmp_path, wav_bytes, curated=[("c1.wav", "Bark,Meow")])
     message = layout_error(root)
-    assert "train_curated.csv line 2 (fname 'c1.wav'): label 'Meow' is not in the vocabulary" in message
+    where = "train_curated.csv line 2 (fname 'c1.wav')"
+    assert f"{where}: label 'Meow' is not in the vocabulary" in message
 
 
 def test_listed_file_that_does_not_exist(tmp_path, wav_bytes):
     root = write_layout(tmp_path, wav_bytes, curated=[("c1.wav", "Bark"), ("c2.wav", "Bark")])
     (root / "train_curated" / "c2.wav").unlink()
-    assert f"listed file does not exist: {root.resolve() / 'train_curated' / 'c2.wav'}" in layout_error(root)
+    missing = root.resolve() / "train_curated" / "c2.wav"
+    assert f"listed file does not exist: {missing}" in layout_error(root)
 
 
 def test_duplicate_fnames(tmp_path, wav_bytes):
@@ -176,8 +179,7 @@ def test_fingerprint_tells_datasets_apart(tmp_path, wav_bytes):
     same = [("c1.wav", "Bark"), ("c2.wav", "Purr")]
     first = dataset_fingerprint(load_dataset(write_layout(tmp_path / "a", wav_bytes, same)))
     second = dataset_fingerprint(load_dataset(write_layout(tmp_path / "b", wav_bytes, same)))
-    relabelled = dataset_fingerprint(
-        load_dataset(write_layout(tmp_path / "c", wav_bytes, [("c1.wav", "Bark"), ("c2.wav", "NA")]))
-    )
+    changed = [("c1.wav", "Bark"), ("c2.wav", "NA")]
+    relabelled = dataset_fingerprint(load_dataset(write_layout(tmp_path / "c", wav_bytes, changed)))
     assert first == second != relabelled
     assert len(first) == 12

@@ -29,7 +29,8 @@ def test_loads_as_a_fat2019_dataset(demo_data):
     assert set(ds.vocabulary) == {label for labels in ds.curated["labels"] for label in labels}
     assert all(len(labels) == 1 for labels in ds.curated["labels"])
     info = sf.info(ds.curated["path"].iloc[0])
-    assert (info.format, info.subtype, info.samplerate, info.channels) == ("WAV", "PCM_16", 44_100, 1)
+    shape = (info.format, info.subtype, info.samplerate, info.channels)
+    assert shape == ("WAV", "PCM_16", 44_100, 1)
 
 
 def test_no_source_recording_is_in_two_splits(demo_data, esc50_dir):
@@ -49,7 +50,10 @@ def test_noise_truth_matches_the_noisy_labels(demo_data):
     truth = pd.read_csv(demo_data / "noise_truth.csv")
     assert truth["fname"].tolist() == given["fname"].tolist()
     assert truth["given_labels"].tolist() == given["labels"].tolist()
-    same = [set(t.split(",")) == set(g.split(",")) for t, g in zip(truth["true_labels"], truth["given_labels"])]
+    same = [
+        set(true.split(",")) == set(given.split(","))
+        for true, given in zip(truth["true_labels"], truth["given_labels"])
+    ]
     assert truth["labels_correct"].tolist() == same
     assert ((truth["noise_kind"] == "none") == truth["labels_correct"]).all()
     assert set(truth["noise_kind"]) == {"none", "wrong", "missing", "extra"}

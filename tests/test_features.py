@@ -36,7 +36,14 @@ def test_log_mel_is_the_seed_preprocessing(wave):
     trimmed, _ = librosa.effects.trim(wave, top_db=60)
     expected = librosa.power_to_db(
         librosa.feature.melspectrogram(
-            y=trimmed, sr=44_100, n_fft=2560, hop_length=694, n_mels=128, fmin=20, fmax=22_050, power=2
+            y=trimmed,
+            sr=44_100,
+            n_fft=2560,
+            hop_length=694,
+            n_mels=128,
+            fmin=20,
+            fmax=22_050,
+            power=2,
         ),
         ref=np.max,
     )
