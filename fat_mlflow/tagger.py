@@ -19,6 +19,7 @@ import binascii
 import dataclasses
 import io
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,7 +122,8 @@ def clip_spectrogram(path: Any, encoded: Any, features: FeatureConfig,
 
 
 def _present(value: Any) -> bool:
-    return isinstance(value, str) and value != ""
+    """A given cell: non-empty text (or a path object, for in-process callers)."""
+    return isinstance(value, os.PathLike) or (isinstance(value, str) and value != "")
 
 
 def _read_path(path: Path, sample_rate: int, limits: ServingConfig) -> np.ndarray:

@@ -1,0 +1,165 @@
+"""End to end: a real tiny stage run -> registered ensemble -> `mlflow models serve` over HTTP.
+
+The served model must answer real audio sent as base64 with the scores of the in-process
+pyfunc and of `fat-mlflow predict`, and survive malformed requests.
+"""
+from __future__ import annotations
+
+import base64
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import requests
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+
+from fat_mlflow.cli import main
+from fat_mlflow.config import get_profile
+from fat_mlflow.data import load_dataset
+from fat_mlflow.ensemble import build_ensemble
+from fat_mlflow.stages import StageRequest, run_stage
+
+pytestmark = pytest.mark.slow
+
+MODEL = "fat2019-tagger-serving"
+URI = f"models:/{MODEL}@champion"
+N_CLIPS = 3
+START_TIMEOUT_S = 90
+
+
+@pytest.fixture(scope="module")
+def registered(demo_data, tmp_path_factory) -> str:
+    """Tracking store with a trained tiny stage-1 run, ensembled and registered as champion."""
+    root = tmp_path_factory.mktemp("serving-store")
+    uri = f"sqlite:///{root}/mlflow.db"
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    experiment = MlflowClient().create_experiment("serving", artifact_location=str(root / "artifacts"))
+    mlflow.set_experiment(experiment_id=experiment)
+    run_id = run_stage(StageRequest(stage="stage1", data=demo_data,
+                                    profile=get_profile("tiny", {"train.epochs": 1}),
+                                    cache_dir=root / "cache", progress=False))
+    # without `data`: test_ensemble.py covers the scoring; the input example comes from the
+    # run's own dataset
+    build_ensemble([run_id], registered_model=MODEL)
+    yield uri
+    mlflow.set_tracking_uri(previous)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(registered, tmp_path_factory) -> str:
+    """`mlflow models serve` of the champion in its own process group; always terminated."""
+    port = _free_port()
+    log = (tmp_path_factory.mktemp("server") / "server.log").open("wb")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": registered}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", URI, "--env-manager", "local",
+         "-p", str(port), "--host", "127.0.0.1", "--workers", "1"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                pytest.fail(f"server exited with {process.returncode}: "
+                            f"{Path(log.name).read_text()[-3000:]}")
+            try:
+                if requests.get(f"{url}/ping", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                time.sleep(0.5)
+        else:
+            pytest.fail(f"server not up after {START_TIMEOUT_S} s: {Path(log.name).read_text()[-3000:]}")
+        yield url
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def clips(demo_data) -> pd.DataFrame:
+    return load_dataset(demo_data).test.head(N_CLIPS)
+
+
+def _base64(path: str) -> str:
+    return base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
+def _invoke(url: str, payload) -> requests.Response:
+    return requests.post(f"{url}/invocations", json=payload, timeout=60)
+
+
+def test_served_scores_match_in_process_and_cli(server, registered, clips, tmp_path):
+    payload = {"dataframe_split": {"columns": ["audio_base64"],
+                                   "data": [[_base64(p)] for p in clips["path"]]},
+               "params": {"top_k": 3}}
+    response = _invoke(server, payload)
+    assert response.status_code == 200, response.text
+    served = pd.DataFrame(response.json()["predictions"])
+    model = mlflow.pyfunc.load_model(URI)
+    vocabulary = [c for c in model.metadata.get_output_schema().input_names()
+                  if c not in ("error", "top_labels")]
+    local = model.predict(pd.DataFrame({"path": list(clips["path"])}), params={"top_k": 3})
+    assert served["error"].tolist() == [""] * N_CLIPS
+    assert served["top_labels"].tolist() == local["top_labels"].tolist()
+    np.testing.assert_allclose(served[vocabulary].to_numpy(float),
+                               local[vocabulary].to_numpy(float), atol=1e-5)
+
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    for path in clips["path"]:
+        (folder / Path(path).name).symlink_to(path)
+    output = tmp_path / "submission.csv"
+    result = CliRunner().invoke(main, ["predict", "--model", URI, str(folder), "-o", str(output)])
+    assert result.exit_code == 0, result.output
+    submission = pd.read_csv(output).set_index("fname").loc[[Path(p).name for p in clips["path"]]]
+    assert list(submission.columns) == vocabulary
+    np.testing.assert_allclose(submission.to_numpy(float), served[vocabulary].to_numpy(float),
+                               atol=1e-5)
+
+
+def test_bad_row_gets_an_error_and_the_good_row_its_scores(server, clips):
+    good = _base64(clips["path"].iloc[0])
+    payload = {"dataframe_split": {"columns": ["audio_base64"],
+                                   "data": [[base64.b64encode(b"not audio" * 50).decode()], [good]]}}
+    response = _invoke(server, payload)
+    assert response.status_code == 200, response.text
+    rows = response.json()["predictions"]
+    assert rows[0]["error"].startswith("row 0: audio_base64: not a readable audio file")
+    assert rows[1]["error"] == ""
+    assert all(isinstance(v, float) for k, v in rows[1].items() if k != "error")
+
+
+@pytest.mark.parametrize("body", [
+    b'{"dataframe_split": {"columns": ["audio_base64"], "data": [[',
+    b'{"dataframe_split": {"columns": ["file"], "data": [["x.wav"]]}}',
+    b'{"dataframe_split": {"columns": ["audio_base64"], "data": [["x"]]}, "params": {"top_k": 999}}',
+])
+def test_malformed_requests_get_4xx_and_the_server_keeps_answering(server, clips, body):
+    response = requests.post(f"{server}/invocations", data=body,
+                             headers={"Content-Type": "application/json"}, timeout=60)
+    assert 400 <= response.status_code < 500, response.text
+    assert requests.get(f"{server}/ping", timeout=5).status_code == 200
+    again = _invoke(server, {"dataframe_split": {"columns": ["audio_base64"],
+                                                 "data": [[_base64(clips["path"].iloc[1])]]}})
+    assert again.status_code == 200 and again.json()["predictions"][0]["error"] == ""
