@@ -23,7 +23,6 @@ from pathlib import Path
 import librosa
 import matplotlib.pyplot as plt
 import mlflow
-import numpy as np
 import pandas as pd
 import soundfile as sf
 from mlflow.tracking import MlflowClient
@@ -34,7 +33,7 @@ from fat_mlflow.data import FatDataset, dataset_fingerprint, load_dataset
 from fat_mlflow.metrics import lwlrap, per_class_lwlrap
 from fat_mlflow.plots import plot_per_class
 from fat_mlflow.stages import STAGES
-from fat_mlflow.submission import ERROR_COLUMN, SubmissionError, score_files
+from fat_mlflow.submission import score_all
 from fat_mlflow.tagger import (
     BASE64_COLUMN,
     SPEC_ARTIFACT,
@@ -155,10 +154,7 @@ def example_request(path: Path, sample_rate: int) -> pd.DataFrame:
 def evaluate(model: mlflow.pyfunc.PyFuncModel, dataset: FatDataset,
              progress: bool = True) -> tuple[float, pd.Series, pd.DataFrame]:
     """Test lwlrap, per-class lwlrap and the test scores of a logged ensemble."""
-    scored = score_files(model, dataset.test["path"], progress=progress).reset_index(drop=True)
-    failed = (scored[ERROR_COLUMN] != "").to_numpy()
-    if failed.any():
-        raise SubmissionError(dict(zip(dataset.test["fname"][failed], scored[ERROR_COLUMN][failed])))
+    scored = score_all(model, dataset.test, progress=progress)
     scores = scored[dataset.vocabulary].to_numpy()
     truth = dataset.targets(dataset.test)
     per_class, _ = per_class_lwlrap(truth, scores)

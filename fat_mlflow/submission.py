@@ -90,10 +90,16 @@ def make_submission(model: PyFuncModel, clips: pd.DataFrame, classes: list[str] 
             f"({len(classes)} vs {len(vocabulary)} classes; first difference: "
             f"{next((a, b) for a, b in zip(classes + [None], vocabulary + [None]) if a != b)})"
         )
-    scored = score_files(model, clips["path"], batch_clips, progress)
-    failed = scored[ERROR_COLUMN] != ""
-    if failed.any():
-        raise SubmissionError(dict(zip(clips["fname"][failed.to_numpy()], scored[ERROR_COLUMN][failed])))
-    submission = scored[vocabulary].reset_index(drop=True)
+    submission = score_all(model, clips, batch_clips, progress)[vocabulary]
     submission.insert(0, "fname", clips["fname"].to_numpy())
     return submission
+
+
+def score_all(model: PyFuncModel, clips: pd.DataFrame, batch_clips: int = ServingConfig.batch_clips,
+              progress: bool = True) -> pd.DataFrame:
+    """Model output for every clip (fname, path) in order; SubmissionError lists failed clips."""
+    scored = score_files(model, clips["path"], batch_clips, progress).reset_index(drop=True)
+    failed = (scored[ERROR_COLUMN] != "").to_numpy()
+    if failed.any():
+        raise SubmissionError(dict(zip(clips["fname"][failed], scored[ERROR_COLUMN][failed])))
+    return scored
