@@ -177,7 +177,12 @@ _stage_command("stage4", "Stage 4: curated + noisy clips model 3 ranks perfectly
               help="ESC-50 folder for the demo data when --data is not given.")
 @click.option("--registered-model", default="fat2019-tagger", show_default=True,
               help="Model-registry name of the ensemble.")
-def pipeline(data, profile, overrides, seed, cache_dir, archs, esc50, registered_model):
+@click.option("--threshold", type=float, default=0.5, show_default=True,
+              help="stage3: keep noisy clips with sqrt(lwlrap1*lwlrap2) >= this.")
+@click.option("--max-per-label-per-fold", type=int, default=5, show_default=True,
+              help="stage3: at most this many selected clips per label and fold.")
+def pipeline(data, profile, overrides, seed, cache_dir, archs, esc50, registered_model,
+             threshold, max_per_label_per_fold):
     """The whole warm-up pipeline: features, stages 1-4, ensemble (the `main` entry point).
 
     Without --data it builds (or reuses) the demo dataset in ./demo_data. Stages that
@@ -190,7 +195,8 @@ def pipeline(data, profile, overrides, seed, cache_dir, archs, esc50, registered
         ["cnn", "vgg16"] if chosen.name == "paper" else ["cnn"])
     request = PipelineRequest(data=data or None, profile=chosen, archs=arch_list,
                               esc50=esc50 or default_esc50_dir(), cache_dir=cache_dir,
-                              registered_model=registered_model)
+                              registered_model=registered_model, threshold=threshold,
+                              max_per_label_per_fold=max_per_label_per_fold)
     parent_id, table = run_pipeline(request)
     columns = [c for c in ("model", "lwlrap_noisy", "lwlrap_curated", "lwlrap_test",
                            "selection_precision", "noisy_base_rate") if c in table]

@@ -137,7 +137,7 @@ PROFILES: dict[str, Profile] = {
     "quick": Profile(
         name="quick",
         train=TrainConfig(
-            width=0.25, n_folds=3, epochs=12, batch_size=32, lr=3e-3, eval_batch_size=128
+            width=0.125, n_folds=3, epochs=12, batch_size=32, lr=3e-3, eval_batch_size=128
         ),
     ),
     # A few seconds per stage: what the tests run.

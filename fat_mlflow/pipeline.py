@@ -43,6 +43,8 @@ class PipelineRequest:
     esc50: Path
     demo_dir: Path = Path("demo_data")
     registered_model: str = "fat2019-tagger"
+    threshold: float = 0.5
+    max_per_label_per_fold: int = 5
     cache_dir: Path | None = None
     progress: bool = True
 
@@ -104,6 +106,8 @@ def run_arch_chain(request: PipelineRequest, data: Path, arch: str, parent: str,
                                   fingerprint)
     runs["stage3"] = run_or_reuse(StageRequest(stage="stage3", init_run_id=runs["stage2"],
                                                selection_run_ids=[runs["stage1"], runs["stage2"]],
+                                               threshold=request.threshold,
+                                               max_per_label_per_fold=request.max_per_label_per_fold,
                                                **base), fingerprint)
     runs["stage4"] = run_or_reuse(StageRequest(stage="stage4", init_run_id=runs["stage3"],
                                                selection_run_ids=[runs["stage3"]], **base),
@@ -135,6 +139,8 @@ def run_pipeline(request: PipelineRequest) -> tuple[str, pd.DataFrame]:
         parent_id = parent.info.run_id
         mlflow.set_tags({TAG_STAGE: "pipeline", TAG_DATASET: fingerprint})
         mlflow.log_params({"data": str(data), "archs": ",".join(request.archs),
+                           "threshold": request.threshold,
+                           "max_per_label_per_fold": request.max_per_label_per_fold,
                            **request.profile.flat()})
         run_features(data, request.profile.features, request.cache_dir, jobs=0,
                      progress=request.progress)

@@ -6,6 +6,7 @@ import dataclasses
 import os
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from fat_mlflow.demo import build_demo_dataset
@@ -75,12 +76,14 @@ def tracking(tmp_path: Path):
 
 @dataclasses.dataclass
 class TinyChain:
-    """Stages 1-4 trained once per session with the `tiny` profile on the demo data."""
+    """The whole pipeline (stages 1-4 + ensemble), `tiny` profile, run once per session."""
 
     root: Path
     tracking_uri: str
     data: Path
-    runs: dict[str, str]
+    pipeline_run_id: str
+    runs: dict[str, str]  # stage -> run ID
+    table: pd.DataFrame
 
     @contextlib.contextmanager
     def store(self):
@@ -91,18 +94,12 @@ class TinyChain:
 @pytest.fixture(scope="session")
 def tiny_chain(demo_data: Path, tmp_path_factory: pytest.TempPathFactory) -> TinyChain:
     from fat_mlflow.config import get_profile
-    from fat_mlflow.stages import StageRequest, run_stage
+    from fat_mlflow.pipeline import PipelineRequest, run_pipeline
 
     root = tmp_path_factory.mktemp("chain")
-    profile = get_profile("tiny")
-    runs: dict[str, str] = {}
+    request = PipelineRequest(data=demo_data, profile=get_profile("tiny"), archs=["cnn"],
+                              esc50=Path("unused"), threshold=0.0, progress=False)
     with isolated_tracking(root) as uri:
-        base = dict(data=demo_data, profile=profile, progress=False)
-        runs["stage1"] = run_stage(StageRequest(stage="stage1", **base))
-        runs["stage2"] = run_stage(StageRequest(stage="stage2", init_run_id=runs["stage1"], **base))
-        runs["stage3"] = run_stage(StageRequest(
-            stage="stage3", init_run_id=runs["stage2"],
-            selection_run_ids=[runs["stage1"], runs["stage2"]], threshold=0.0, **base))
-        runs["stage4"] = run_stage(StageRequest(
-            stage="stage4", init_run_id=runs["stage3"], selection_run_ids=[runs["stage3"]], **base))
-    return TinyChain(root, uri, demo_data, runs)
+        parent, table = run_pipeline(request)
+    runs = dict(zip(table["stage"], table["run_id"]))
+    return TinyChain(root, uri, demo_data, parent, runs, table)

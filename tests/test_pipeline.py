@@ -1,0 +1,45 @@
+"""`main`: the chained pipeline, its stage report, and the reuse of finished stages."""
+import mlflow
+import pandas as pd
+from mlflow.tracking import MlflowClient
+
+from fat_mlflow.config import get_profile
+from fat_mlflow.pipeline import PipelineRequest, run_pipeline
+
+
+def test_pipeline_links_stage_runs_and_reports_table2(tiny_chain):
+    assert list(tiny_chain.table["model"]) == ["cnn model1", "cnn model2", "cnn model3",
+                                               "cnn model4", "ensemble"]
+    with tiny_chain.store():
+        client = MlflowClient()
+        for stage, run_id in tiny_chain.runs.items():
+            tags = client.get_run(run_id).data.tags
+            if stage != "ensemble":
+                assert tags["mlflow.parentRunId"] == tiny_chain.pipeline_run_id
+                assert tags["fat.pipeline_run_id"] == tiny_chain.pipeline_run_id
+        report = pd.read_csv(mlflow.artifacts.download_artifacts(
+            run_id=tiny_chain.pipeline_run_id, artifact_path="report/stage_table.csv"))
+        names = {a.path for a in client.list_artifacts(tiny_chain.pipeline_run_id, "report")}
+        assert "report/stage_table.png" in names
+        assert report["lwlrap_test"].between(0, 1).all()
+        assert report.loc[report["stage"] == "stage3", "selection_precision"].between(0, 1).all()
+        version = client.get_model_version_by_alias("fat2019-tagger", "champion")
+        assert version.run_id == tiny_chain.runs["ensemble"]
+
+
+def test_rerun_reuses_finished_stages_and_resumes_an_unfinished_one(tiny_chain):
+    request = PipelineRequest(data=tiny_chain.data, profile=get_profile("tiny"), archs=["cnn"],
+                              esc50=tiny_chain.data, threshold=0.0, progress=False)
+    with tiny_chain.store():
+        client = MlflowClient()
+        stage4 = tiny_chain.runs["stage4"]
+        client.set_tag(stage4, "fat.complete", "false")  # as if it had been interrupted
+        n_runs = len(client.search_runs(["0"]))
+        _, table = run_pipeline(request)
+        again = dict(zip(table["stage"], table["run_id"]))
+        for stage in ("stage1", "stage2", "stage3", "stage4"):
+            assert again[stage] == tiny_chain.runs[stage]
+        assert client.get_run(stage4).data.tags["fat.complete"] == "true"
+        # new: the pipeline run, its features run and the ensemble run; no stage was retrained
+        assert len(client.search_runs(["0"])) == n_runs + 3
+        assert client.get_registered_model("fat2019-tagger").latest_versions
