@@ -167,7 +167,9 @@ _stage_command("stage4", "Stage 4: curated + noisy clips model 3 ranks perfectly
 
 
 @main.command()
-@data_option(required=False)
+@click.option("--data", default="", metavar="DIRECTORY",
+              help="Dataset root in the FAT2019 layout; empty = build/reuse the demo data "
+                   "in ./demo_data.")
 @profile_options
 @cache_option
 @click.option("--archs", default="", metavar="cnn[,vgg16]",
@@ -193,7 +195,7 @@ def pipeline(data, profile, overrides, seed, cache_dir, archs, esc50, registered
     chosen = _profile(profile, overrides, seed)
     arch_list = [a.strip() for a in archs.split(",") if a.strip()] or (
         ["cnn", "vgg16"] if chosen.name == "paper" else ["cnn"])
-    request = PipelineRequest(data=data or None, profile=chosen, archs=arch_list,
+    request = PipelineRequest(data=Path(data) if data else None, profile=chosen, archs=arch_list,
                               esc50=esc50 or default_esc50_dir(), cache_dir=cache_dir,
                               registered_model=registered_model, threshold=threshold,
                               max_per_label_per_fold=max_per_label_per_fold)
