@@ -138,9 +138,10 @@ def run_pipeline(request: PipelineRequest) -> tuple[str, pd.DataFrame]:
     with mlflow.start_run(run_name=f"pipeline-{request.profile.name}") as parent:
         parent_id = parent.info.run_id
         mlflow.set_tags({TAG_STAGE: "pipeline", TAG_DATASET: fingerprint})
-        mlflow.log_params({"data": str(data), "archs": ",".join(request.archs),
-                           "threshold": request.threshold,
-                           "max_per_label_per_fold": request.max_per_label_per_fold,
+        # "pipeline." keys: `mlflow run` already logged the raw entry-point parameters
+        mlflow.log_params({"pipeline.data": str(data), "pipeline.archs": ",".join(request.archs),
+                           "pipeline.threshold": request.threshold,
+                           "pipeline.max_per_label_per_fold": request.max_per_label_per_fold,
                            **request.profile.flat()})
         run_features(data, request.profile.features, request.cache_dir, jobs=0,
                      progress=request.progress)

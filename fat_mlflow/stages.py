@@ -230,12 +230,13 @@ def _log_inputs(request: StageRequest, data: StageData, folds: pd.DataFrame,
     mlflow.set_tags({TAG_STAGE: request.stage, TAG_DATASET: data.fingerprint,
                      TAG_ARCH: request.profile.train.arch, TAG_COMPLETE: "false",
                      **({TAG_PIPELINE: request.pipeline_run_id} if request.pipeline_run_id else {})})
-    mlflow.log_params({**request.profile.flat(), "data": str(request.data),
-                       "init_run_id": request.init_run_id or "",
-                       "selection_run_ids": ",".join(request.selection_run_ids),
-                       "threshold": request.threshold,
-                       "max_per_label_per_fold": request.max_per_label_per_fold,
-                       "bad_audio": request.bad_audio})
+    # "stage." keys: `mlflow run` already logged the raw entry-point parameters by name
+    mlflow.log_params({**request.profile.flat(), "stage.data": str(request.data),
+                       "stage.init_run_id": request.init_run_id or "",
+                       "stage.selection_run_ids": ",".join(request.selection_run_ids),
+                       "stage.threshold": request.threshold,
+                       "stage.max_per_label_per_fold": request.max_per_label_per_fold,
+                       "stage.bad_audio": request.bad_audio})
     log_table(folds, FOLDS_ARTIFACT)
     mlflow.log_dict(json.loads(json.dumps(request.profile.flat())), PROFILE_ARTIFACT)
     mlflow.log_dict(data.dataset.vocabulary, VOCABULARY_ARTIFACT)

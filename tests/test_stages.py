@@ -49,8 +49,8 @@ def test_later_stages_share_folds_and_record_their_sources(tiny_chain):
         for table in folds[1:]:
             pd.testing.assert_frame_equal(table, folds[0])
         stage3 = client.get_run(runs["stage3"])
-        assert stage3.data.params["init_run_id"] == runs["stage2"]
-        assert stage3.data.params["selection_run_ids"] == f"{runs['stage1']},{runs['stage2']}"
+        assert stage3.data.params["stage.init_run_id"] == runs["stage2"]
+        assert stage3.data.params["stage.selection_run_ids"] == f"{runs['stage1']},{runs['stage2']}"
         # threshold 0 keeps every noisy clip up to the cap of 5 per label and fold
         selected = pd.read_csv(mlflow.artifacts.download_artifacts(
             run_id=runs["stage3"], artifact_path="selection/selected.csv"))
