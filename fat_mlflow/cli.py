@@ -183,8 +183,11 @@ _stage_command("stage4", "Stage 4: curated + noisy clips model 3 ranks perfectly
               help="stage3: keep noisy clips with sqrt(lwlrap1*lwlrap2) >= this.")
 @click.option("--max-per-label-per-fold", type=int, default=5, show_default=True,
               help="stage3: at most this many selected clips per label and fold.")
+@click.option("--warm-start", type=bool, default=True, show_default=True,
+              help="true: each stage starts from the previous stage's fold models (the "
+                   "seed); false: every stage from scratch (the ablation).")
 def pipeline(data, profile, overrides, seed, cache_dir, archs, esc50, registered_model,
-             threshold, max_per_label_per_fold):
+             threshold, max_per_label_per_fold, warm_start):
     """The whole warm-up pipeline: features, stages 1-4, ensemble (the `main` entry point).
 
     Without --data it builds (or reuses) the demo dataset in ./demo_data. Stages that
@@ -198,7 +201,8 @@ def pipeline(data, profile, overrides, seed, cache_dir, archs, esc50, registered
     request = PipelineRequest(data=Path(data) if data else None, profile=chosen, archs=arch_list,
                               esc50=esc50 or default_esc50_dir(), cache_dir=cache_dir,
                               registered_model=registered_model, threshold=threshold,
-                              max_per_label_per_fold=max_per_label_per_fold)
+                              max_per_label_per_fold=max_per_label_per_fold,
+                              warm_start=warm_start)
     parent_id, table = run_pipeline(request)
     columns = [c for c in ("model", "lwlrap_noisy", "lwlrap_curated", "lwlrap_test",
                            "selection_precision", "noisy_base_rate") if c in table]

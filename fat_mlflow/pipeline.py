@@ -45,6 +45,7 @@ class PipelineRequest:
     registered_model: str = "fat2019-tagger"
     threshold: float = 0.5
     max_per_label_per_fold: int = 5
+    warm_start: bool = True  # False: every stage from scratch (the ablation)
     cache_dir: Path | None = None
     progress: bool = True
 
@@ -101,15 +102,19 @@ def run_arch_chain(request: PipelineRequest, data: Path, arch: str, parent: str,
     base = dict(data=data, profile=profile, cache_dir=request.cache_dir,
                 pipeline_run_id=parent, progress=request.progress)
     runs: dict[str, str] = {}
+
+    def init(stage: str) -> str | None:
+        return runs[stage] if request.warm_start else None
+
     runs["stage1"] = run_or_reuse(StageRequest(stage="stage1", **base), fingerprint)
-    runs["stage2"] = run_or_reuse(StageRequest(stage="stage2", init_run_id=runs["stage1"], **base),
+    runs["stage2"] = run_or_reuse(StageRequest(stage="stage2", init_run_id=init("stage1"), **base),
                                   fingerprint)
-    runs["stage3"] = run_or_reuse(StageRequest(stage="stage3", init_run_id=runs["stage2"],
+    runs["stage3"] = run_or_reuse(StageRequest(stage="stage3", init_run_id=init("stage2"),
                                                selection_run_ids=[runs["stage1"], runs["stage2"]],
                                                threshold=request.threshold,
                                                max_per_label_per_fold=request.max_per_label_per_fold,
                                                **base), fingerprint)
-    runs["stage4"] = run_or_reuse(StageRequest(stage="stage4", init_run_id=runs["stage3"],
+    runs["stage4"] = run_or_reuse(StageRequest(stage="stage4", init_run_id=init("stage3"),
                                                selection_run_ids=[runs["stage3"]], **base),
                                   fingerprint)
     return runs
@@ -142,6 +147,7 @@ def run_pipeline(request: PipelineRequest) -> tuple[str, pd.DataFrame]:
         mlflow.log_params({"pipeline.data": str(data), "pipeline.archs": ",".join(request.archs),
                            "pipeline.threshold": request.threshold,
                            "pipeline.max_per_label_per_fold": request.max_per_label_per_fold,
+                           "pipeline.warm_start": request.warm_start,
                            **request.profile.flat()})
         run_features(data, request.profile.features, request.cache_dir, jobs=0,
                      progress=request.progress)
