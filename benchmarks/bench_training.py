@@ -17,7 +17,7 @@ from fat_mlflow.augment import build_batch_augment
 from fat_mlflow.config import get_profile
 from fat_mlflow.dataset import training_batches
 from fat_mlflow.models import build_model, count_parameters, flops_per_sample
-from fat_mlflow.training import resolve_device
+from fat_mlflow.training import resolve_device, train_step
 
 
 def throughput(profile_name: str, arch: str, steps: int, device: torch.device,
@@ -42,15 +42,7 @@ def throughput(profile_name: str, arch: str, steps: int, device: torch.device,
 
     def step() -> None:
         inputs, y = next(training_batches(specs, targets, batch, cfg.crop_frames, rng))
-        inputs, y = augment(inputs, y, generator)
-        inputs, y = inputs.to(device), y.to(device)
-        if on_gpu:
-            inputs = inputs.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_gpu):
-            loss = loss_fn(model(inputs).float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        train_step(model, *augment(inputs, y, generator), optimizer, loss_fn, device)
 
     step()  # warm-up: kernel selection and allocation
     if on_gpu:

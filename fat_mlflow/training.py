@@ -89,17 +89,9 @@ def train_fold(
             train_specs, train_targets, cfg.batch_size, cfg.crop_frames, rng
         ):
             inputs, targets = transform(inputs, targets, generator)
-            inputs = inputs.to(device, non_blocking=True)
-            targets = targets.to(device, non_blocking=True)
-            if on_gpu:
-                inputs = inputs.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_gpu):
-                loss = loss_fn(model(inputs).float(), targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            loss = train_step(model, inputs, targets, optimizer, loss_fn, device)
             schedule.step()
-            total_loss += loss.item() * len(targets)
+            total_loss += loss * len(targets)
             seen += len(targets)
         train_seconds = time.perf_counter() - started
         val_score = evaluate(model, val_specs, val_targets, cfg, device)
@@ -110,6 +102,28 @@ def train_fold(
         if on_epoch is not None:
             on_epoch(log)
     return history
+
+
+def train_step(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: nn.Module,
+    device: torch.device,
+) -> float:
+    """One optimiser step on one augmented batch; bfloat16 + channels_last on a GPU."""
+    on_gpu = device.type == "cuda"
+    inputs = inputs.to(device, non_blocking=True)
+    targets = targets.to(device, non_blocking=True)
+    if on_gpu:
+        inputs = inputs.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_gpu):
+        loss = loss_fn(model(inputs).float(), targets)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
 
 
 def evaluate(

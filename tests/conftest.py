@@ -20,7 +20,8 @@ def esc50_dir() -> Path:
     default = Path(__file__).resolve().parents[2] / "shared" / "data" / "esc50"
     path = Path(os.environ.get("FAT_MLFLOW_ESC50", default))
     if not (path / "meta" / "esc50.csv").is_file():
-        pytest.skip(f"ESC-50 clips not found at {path}; set FAT_MLFLOW_ESC50")
+        pytest.fail(f"ESC-50 clips not found at {path}: the tests run on real audio; "
+                    "put ../shared beside the repository or set FAT_MLFLOW_ESC50")
     return path
 
 
