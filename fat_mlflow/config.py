@@ -62,6 +62,7 @@ class TrainConfig:
     crop_frames: int = 128  # training crops and inference windows
     window_step: int = 48  # sliding-window step at inference (and for OOF predictions)
     val_window_step: int = 128  # cheaper, non-overlapping windows for the per-epoch curve
+    val_every: int = 1  # validate every n-th epoch (and always after the last one)
     eval_batch_size: int = 256
     seed: int = 42
     device: str = "auto"  # "auto", "cpu" or "cuda"
@@ -137,7 +138,8 @@ PROFILES: dict[str, Profile] = {
     "quick": Profile(
         name="quick",
         train=TrainConfig(
-            width=0.125, n_folds=3, epochs=12, batch_size=32, lr=3e-3, eval_batch_size=128
+            width=0.125, n_folds=3, epochs=16, batch_size=16, lr=3e-3, eval_batch_size=128,
+            val_every=4,
         ),
     ),
     # A few seconds per stage: what the tests run.

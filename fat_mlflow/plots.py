@@ -17,8 +17,8 @@ def plot_fold_curves(histories: dict[int, pd.DataFrame], title: str = "") -> Fig
     figure, (loss_axis, score_axis) = plt.subplots(1, 2, figsize=(10, 3.6))
     for fold, history in sorted(histories.items()):
         loss_axis.plot(history["epoch"], history["train_loss"], label=f"fold {fold}")
-        if "val_lwlrap" in history:
-            score_axis.plot(history["epoch"], history["val_lwlrap"], label=f"fold {fold}")
+        validated = history.dropna(subset=["val_lwlrap"])  # val_every > 1 leaves gaps
+        score_axis.plot(validated["epoch"], validated["val_lwlrap"], marker=".", label=f"fold {fold}")
     loss_axis.set(xlabel="epoch", ylabel="train BCE loss", title="training loss")
     score_axis.set(xlabel="epoch", ylabel="lwlrap", title="validation lwlrap (held-out fold)")
     score_axis.legend(fontsize="small")

@@ -6,6 +6,8 @@ with the embedded SQLite store and with a remote tracking server.
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 import tempfile
@@ -17,6 +19,7 @@ import pandas as pd
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from mlflow.utils.file_utils import ExclusiveFileLock
 from torch import nn
 
 from fat_mlflow.crossval import FoldResult
@@ -44,7 +47,23 @@ def configure_tracking() -> str:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if not os.environ.get("MLFLOW_TRACKING_URI"):
         mlflow.set_tracking_uri(DEFAULT_TRACKING_URI)
-    return mlflow.get_tracking_uri()
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith("sqlite:///") and ":memory:" not in uri and os.name != "nt":
+        _create_sqlite_store(str(Path(uri.removeprefix("sqlite:///")).resolve()))
+    return uri
+
+
+@functools.cache
+def _create_sqlite_store(db_path: str) -> None:
+    """Create (or open) the SQLite store while holding a lock shared by all processes.
+
+    MLflow creates and migrates a new store's tables on first use without a lock
+    (mlflow/mlflow#19943): two stage runs started together on a fresh store then crash with
+    "duplicate column name". The lock file lives in the temp folder, keyed by the database path.
+    """
+    digest = hashlib.sha1(db_path.encode()).hexdigest()[:16]
+    with ExclusiveFileLock(os.path.join(tempfile.gettempdir(), f"fat-mlflow-db-{digest}.lock")):
+        MlflowClient(f"sqlite:///{db_path}").search_experiments(max_results=1)
 
 
 def get_run(run_id: str) -> Run:
