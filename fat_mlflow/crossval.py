@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Protocol
 
 import numpy as np
@@ -99,15 +100,14 @@ def run_cross_validation(
         fold_seed = cfg.seed * 1000 + fold
         torch.manual_seed(fold_seed)
         model = make_model(fold)
-        history_sink = lambda log, fold=fold: store.log_epoch(fold, log)  # noqa: E731
         train_fold(
             model,
             [s for part in train_parts for s in part.specs],
             np.concatenate([part.targets for part in train_parts]),
             [s for part in val_parts for s in part.specs],
             np.concatenate([part.targets for part in val_parts]),
-            cfg, profile.augment, fold_seed, on_epoch=history_sink, progress=progress,
-            desc=f"fold {fold + 1}/{cfg.n_folds}",
+            cfg, profile.augment, fold_seed, on_epoch=partial(store.log_epoch, fold),
+            progress=progress, desc=f"fold {fold + 1}/{cfg.n_folds}",
         )
         result = _score_fold(model, fold, sets, test, cfg, device)
         store.save_fold(result, model)

@@ -5,7 +5,6 @@ warm-starts from, and (stages 3 and 4) which earlier runs select its noisy clips
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -238,7 +237,7 @@ def _log_inputs(request: StageRequest, data: StageData, folds: pd.DataFrame,
                        "stage.max_per_label_per_fold": request.max_per_label_per_fold,
                        "stage.bad_audio": request.bad_audio})
     log_table(folds, FOLDS_ARTIFACT)
-    mlflow.log_dict(json.loads(json.dumps(request.profile.flat())), PROFILE_ARTIFACT)
+    mlflow.log_dict(request.profile.flat(), PROFILE_ARTIFACT)
     mlflow.log_dict(data.dataset.vocabulary, VOCABULARY_ARTIFACT)
     if data.bad_audio:
         log_table(pd.DataFrame(sorted(data.bad_audio.items()), columns=["path", "reason"]),

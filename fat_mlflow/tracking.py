@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 
 import mlflow
@@ -153,8 +154,9 @@ def log_json(payload, artifact_path: str) -> None:
 class MlflowFoldStore:
     """Keeps each finished fold (model + scores) as artifacts of the stage run.
 
-    A fold counts as finished only when its scores file exists; the model is logged
-    first, so an interruption between the two simply retrains that fold.
+    A fold counts as finished only when its scores file exists and reads back whole; the
+    model is logged first, so an interruption between the two (or during the copy of the
+    scores) simply retrains that fold.
     """
 
     def __init__(self, run_id: str, arch: str, width: float, n_classes: int):
@@ -168,7 +170,10 @@ class MlflowFoldStore:
             names = {Path(f.path).name for f in self.client.list_artifacts(self.run_id, entry.path)}
             if {"model.pt", "scores.npz"} <= names:
                 fold = int(Path(entry.path).name.removeprefix("fold_"))
-                finished[fold] = self._load_scores(fold)
+                try:
+                    finished[fold] = self._load_scores(fold)
+                except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+                    continue  # killed while the scores were being copied: retrain the fold
         return finished
 
     def _load_scores(self, fold: int) -> FoldResult:
