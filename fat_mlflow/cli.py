@@ -5,20 +5,12 @@ MLproject entry points call these commands, so `mlflow run . -e stage1 -P ...` a
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import click
 
 from fat_mlflow.config import PROFILES, Profile, get_profile, parse_overrides
-
-ESC50_ENV = "FAT_MLFLOW_ESC50"
-
-
-def default_esc50_dir() -> Path:
-    """ESC-50 clips: $FAT_MLFLOW_ESC50, else ../shared/data/esc50 beside the working directory."""
-    return Path(os.environ.get(ESC50_ENV, Path.cwd().parent / "shared" / "data" / "esc50"))
-
+from fat_mlflow.demo import ESC50_ENV, default_esc50_dir
 
 def _profile(name: str, overrides: tuple[str, ...], seed: int | None) -> Profile:
     try:

@@ -12,6 +12,7 @@ recordings are assigned whole to one split, so no recording is heard in two spli
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -33,6 +34,14 @@ ESC50_GROUP_SIZE = 10  # ESC-50 targets 0-9 animals, 10-19 natural, 20-29 human,
 TEST_MIX_SHARE = 0.2
 MIX_GAIN_RANGE = (0.5, 1.0)
 PEAK_LIMIT = 0.99
+
+
+ESC50_ENV = "FAT_MLFLOW_ESC50"
+
+
+def default_esc50_dir() -> Path:
+    """ESC-50 clips: $FAT_MLFLOW_ESC50, else ../shared/data/esc50 beside the working directory."""
+    return Path(os.environ.get(ESC50_ENV, Path.cwd().parent / "shared" / "data" / "esc50"))
 
 
 def build_demo_dataset(

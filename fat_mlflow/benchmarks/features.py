@@ -3,7 +3,7 @@
 Both paths run the same log_mel over the same N ESC-50 clips in one run, so the table compares
 like with like; the warm rows show what every later stage pays instead.
 
-    python benchmarks/bench_features.py [--n 200] [--esc50 PATH]
+    python -m fat_mlflow.benchmarks.features [--n 200] [--esc50 PATH]
 """
 from __future__ import annotations
 
@@ -17,10 +17,10 @@ import librosa
 import pandas as pd
 from threadpoolctl import threadpool_limits
 
+from fat_mlflow.demo import default_esc50_dir
 from fat_mlflow.config import FeatureConfig
 from fat_mlflow.features import FeatureCache, log_mel
 
-DEFAULT_ESC50 = Path(__file__).resolve().parents[2] / "shared" / "data" / "esc50"
 
 
 def sequential(paths: list[Path], cfg: FeatureConfig) -> tuple[float, float]:
@@ -37,7 +37,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=200, help="number of ESC-50 clips")
     parser.add_argument(
-        "--esc50", type=Path, default=Path(os.environ.get("FAT_MLFLOW_ESC50", DEFAULT_ESC50))
+        "--esc50", type=Path, default=default_esc50_dir()
     )
     args = parser.parse_args()
     cfg = FeatureConfig()

@@ -1,7 +1,7 @@
 """Training throughput (samples/s) of the profiles' networks next to their FLOPs per sample.
 
 Runs without MLflow or librosa (random spectrograms of the real input size), so it also runs
-on a GPU machine that has only torch and numpy: `python benchmarks/bench_training.py`.
+on a GPU machine that has only torch and numpy: `python -m fat_mlflow.benchmarks.training`.
 Each configuration is timed over the same number of steps in the same process, so the
 ratios between rows hold even when the machine's speed drifts.
 """

@@ -6,7 +6,7 @@ runs of 3 folds each, width 0.25; CNN and VGG), with untrained weights: speed do
 on the weight values. `--model models:/fat2019-tagger@champion` measures a registered model
 instead; the single-model rows always use one untrained fold model of the first network.
 
-    python benchmarks/bench_serving.py [--archs cnn,vgg16] [--repeats 20] [--batch 32] [--no-http]
+    python -m fat_mlflow.benchmarks.serving [--archs cnn,vgg16] [--repeats 20] [--batch 32] [--no-http]
                                        [--threads N]
 
 `--threads` sets torch's intra-op threads here and OMP_NUM_THREADS for the server: on a
@@ -32,6 +32,7 @@ import pandas as pd
 import requests
 import torch
 
+from fat_mlflow.demo import default_esc50_dir
 from fat_mlflow.config import PROFILES, FeatureConfig, ServingConfig
 from fat_mlflow.dataset import window_starts
 from fat_mlflow.models import build_model, save_checkpoint
@@ -44,7 +45,6 @@ from fat_mlflow.tagger import (
     model_signature,
 )
 
-DEFAULT_ESC50 = Path(__file__).resolve().parents[2] / "shared" / "data" / "esc50"
 N_CLASSES = 80  # FAT2019's vocabulary size: the head's cost
 
 
@@ -163,7 +163,7 @@ def main() -> None:
     parser.add_argument("--no-http", action="store_true", help="skip the HTTP rows")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: its default)")
     parser.add_argument(
-        "--esc50", type=Path, default=Path(os.environ.get("FAT_MLFLOW_ESC50", DEFAULT_ESC50)))
+        "--esc50", type=Path, default=default_esc50_dir())
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -1,0 +1,352 @@
+"""Reliability catalogue: bad audio inside a dataset, killed runs, concurrent runs, reproducibility.
+
+Everything runs for real: `fat-mlflow` subprocesses are killed with SIGKILL/SIGTERM, two stage
+runs share one fresh SQLite store and one cold feature cache. Datasets are ~60-clip copies of
+the demo data (first rows of each table, clips as symlinks) and the stages train one epoch
+per fold, so the whole file costs a few stage runs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from urllib.parse import urlparse
+
+import librosa
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import soundfile as sf
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+
+from fat_mlflow.audio import load_audio
+from fat_mlflow.cli import main
+from fat_mlflow.config import FeatureConfig, get_profile
+from fat_mlflow.features import FeatureCache
+from fat_mlflow.featurize import run_features
+from fat_mlflow.stages import BadAudioError, StageRequest, run_stage
+from fat_mlflow.tracking import MlflowFoldStore
+
+SR = 44_100
+EPOCHS = {"train.epochs": "1"}
+STAGE1 = ["stage1", "--profile", "tiny", "--set", "train.epochs=1"]
+SIZES = {"train_curated": 16, "train_noisy": 24, "test": 8}
+N_CLIPS = sum(SIZES.values())
+SEEDS = (1, 2)
+
+
+def subset_copy(src: Path, dst: Path) -> Path:
+    """The first SIZES rows of each table of `src`, clips symlinked: a dataset in a blink."""
+    tables = {"train_curated": "train_curated.csv", "train_noisy": "train_noisy.csv",
+              "test": "sample_submission.csv"}
+    dst.mkdir(parents=True)
+    for folder, table in tables.items():
+        rows = pd.read_csv(src / table).head(SIZES[folder])
+        rows.to_csv(dst / table, index=False)
+        (dst / folder).mkdir()
+        for fname in rows["fname"]:
+            (dst / folder / fname).symlink_to(src / folder / fname)
+    truth = pd.read_csv(src / "test_truth.csv")
+    test = pd.read_csv(dst / "sample_submission.csv")["fname"]
+    truth[truth["fname"].isin(test)].to_csv(dst / "test_truth.csv", index=False)
+    return dst
+
+
+@dataclasses.dataclass
+class Child:
+    """A `fat-mlflow` subprocess in its own process group (a kill reaches its workers too)."""
+
+    proc: subprocess.Popen
+    log: Path
+
+    @classmethod
+    def start(cls, args: list[str], cwd: Path, uri: str) -> Child:
+        log = cwd / f"{args[0]}-{time.monotonic_ns()}.log"
+        with log.open("w") as sink:
+            proc = subprocess.Popen(
+                [sys.executable, "-c", "from fat_mlflow.cli import main; main()", *args],
+                cwd=cwd, env={**os.environ, "MLFLOW_TRACKING_URI": uri},
+                stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+        return cls(proc, log)
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def kill(self, sig: signal.Signals) -> int:
+        os.killpg(self.proc.pid, sig)
+        return self.proc.wait(timeout=60)
+
+
+def wait_for(condition: Callable[[], bool], child: Child, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if child.proc.poll() is not None:
+            pytest.fail(f"process ended (rc {child.proc.returncode}) before the point to kill "
+                        f"it:\n{child.output()[-3000:]}")
+        if time.monotonic() > deadline:
+            child.kill(signal.SIGKILL)
+            pytest.fail(f"timed out waiting for the process:\n{child.output()[-3000:]}")
+        time.sleep(0.02)
+
+
+def artifact_dir(client: MlflowClient, run_id: str) -> Path:
+    return Path(urlparse(client.get_run(run_id).info.artifact_uri).path)
+
+
+def run_tables(folder: Path) -> dict[str, pd.DataFrame]:
+    return {name: pd.read_csv(folder / name)
+            for name in ("oof/noisy.csv", "oof/curated.csv", "test_scores.csv")}
+
+
+def fold_files(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.glob("folds/*/*")}
+
+
+def cache_entries(folder: Path) -> list[np.ndarray]:
+    """Every .npy of a cache folder, loaded whole: a half-written file would raise here."""
+    return [np.load(path) for path in sorted(folder.glob("*.npy"))]
+
+
+def assert_valid_entry(spec: np.ndarray) -> None:
+    assert spec.dtype == np.float32 and spec.shape[0] == 128 and spec.shape[1] >= 128
+    assert np.isfinite(spec).all() and spec.max() == 0.0
+
+
+@pytest.fixture(scope="module")
+def small_data(demo_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return subset_copy(demo_data, tmp_path_factory.mktemp("small") / "data")
+
+
+# --- 1. bad audio inside a training dataset ----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def bad_data(demo_data: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """A small dataset with six broken clips in three sets; path -> expected reason."""
+    root = subset_copy(demo_data, tmp_path_factory.mktemp("bad") / "data")
+    curated = sorted((root / "train_curated").iterdir())
+    noisy = sorted((root / "train_noisy").iterdir())
+    test = sorted((root / "test").iterdir())
+    real = noisy[1].read_bytes()
+    breakages = {
+        curated[0]: (lambda p: p.write_bytes(b""), "empty file (0 bytes)"),
+        curated[1]: (lambda p: sf.write(p, np.zeros(2 * SR), SR, subtype="PCM_16"),
+                     "silent: every sample is zero"),
+        noisy[0]: (lambda p: p.write_text("fname,labels\nthis is not audio\n"),
+                   "not a readable audio file"),
+        noisy[1]: (lambda p: p.write_bytes(real[: len(real) // 2]), "truncated WAV file"),
+        noisy[2]: (lambda p: sf.write(p, np.zeros(0), SR), "no audio samples"),
+        test[0]: (lambda p: p.write_bytes(os.urandom(4000)), "not a readable audio file"),
+    }
+    for path, (breaking, _) in breakages.items():
+        path.unlink()  # the symlink: never write through it into the demo data
+        breaking(path)
+    return root, {str(path): reason for path, (_, reason) in breakages.items()}
+
+
+def test_bad_training_audio_stops_the_stage_before_any_run(bad_data, tracking):
+    root, bad = bad_data
+    with pytest.raises(BadAudioError) as info:
+        run_stage(StageRequest(stage="stage1", data=root, profile=get_profile("tiny", EPOCHS),
+                               progress=False))
+    assert sorted(info.value.failures) == sorted(bad)
+    message = str(info.value)
+    assert message.startswith("6 audio file(s) cannot be used:")
+    for path, reason in bad.items():
+        assert reason in info.value.failures[path]
+        assert f"\n  {path}: {info.value.failures[path]}\n" in message
+    assert mlflow.search_runs(search_all_experiments=True).empty
+
+
+def test_skip_leaves_bad_clips_out_and_logs_them(bad_data, tracking):
+    root, bad = bad_data
+    run_id = run_stage(StageRequest(stage="stage1", data=root, progress=False,
+                                    profile=get_profile("tiny", EPOCHS), bad_audio="skip"))
+    client = MlflowClient()
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["fat.complete"] == "true"
+    assert run.data.params["stage.bad_audio"] == "skip"
+    folder = artifact_dir(client, run_id)
+    logged = pd.read_csv(folder / "bad_audio.csv")
+    assert sorted(logged["path"]) == sorted(bad)
+    assert all(bad[path] in reason for path, reason in zip(logged["path"], logged["reason"]))
+    bad_names = {Path(path).name for path in bad}
+    for name, table in run_tables(folder).items():
+        assert len(table) and not bad_names & set(table["fname"]), name
+    assert len(pd.read_csv(folder / "oof/noisy.csv")) == SIZES["train_noisy"] - 3
+
+
+def test_cli_names_every_bad_file_on_its_own_line_without_traceback(bad_data, tracking):
+    root, bad = bad_data
+    result = CliRunner().invoke(main, [*STAGE1, "--data", str(root)])
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    assert "Error: BadAudioError: 6 audio file(s) cannot be used:" in result.output
+    lines = result.output.splitlines()
+    for path, reason in bad.items():
+        named = [line for line in lines if line.startswith(f"  {path}: ")]
+        assert len(named) == 1 and reason in named[0]
+    assert "--bad-audio skip" in result.output
+
+
+@pytest.fixture(scope="module")
+def clip_variants(esc50_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """One real clip written in every shape a dataset may hold, cached in one compute call."""
+    meta = pd.read_csv(esc50_dir / "meta" / "esc50.csv")
+    wave = load_audio(esc50_dir / "audio" / meta["filename"].iloc[0], SR)
+    loudest = int(np.argmax(np.abs(wave)))
+    folder = tmp_path_factory.mktemp("variants")
+    variants = {  # name -> (samples, rate, subtype, extension)
+        "ten_minutes": (np.tile(wave, 120), SR, "PCM_16", "wav"),
+        "shorter_than_a_window": (wave[max(0, loudest - SR // 10): loudest + SR // 10], SR,
+                                  "PCM_16", "wav"),
+        "stereo": (np.stack([wave, wave[::-1]], axis=1), SR, "PCM_16", "wav"),
+        "float32": (wave, SR, "FLOAT", "wav"),
+        "pcm24": (wave, SR, "PCM_24", "wav"),
+        "mp3": (wave, SR, None, "mp3"),
+        **{f"rate_{rate}": (librosa.resample(wave, orig_sr=SR, target_sr=rate), rate,
+                            "PCM_16", "wav") for rate in (8_000, 16_000, 48_000)},
+    }
+    paths = {}
+    for name, (samples, rate, subtype, extension) in variants.items():
+        paths[name] = folder / f"{name}.{extension}"
+        sf.write(paths[name], samples, rate, subtype=subtype)
+    cache = FeatureCache(folder / "cache", FeatureConfig())
+    stats = cache.compute(list(paths.values()), n_jobs=2, progress=False)
+    assert stats.failures == {} and stats.n_computed == len(paths)
+    return cache, paths, wave.size
+
+
+@pytest.mark.parametrize("name", ["ten_minutes", "shorter_than_a_window", "stereo", "float32",
+                                  "pcm24", "mp3", "rate_8000", "rate_16000", "rate_48000"])
+def test_every_clip_shape_becomes_a_valid_cache_entry(clip_variants, name):
+    cache, paths, clip_samples = clip_variants
+    spec = cache.load(paths[name], mmap=False)
+    assert_valid_entry(spec)
+    if name == "ten_minutes":  # kept whole (trim only cuts the edges of the whole clip)
+        assert spec.shape[1] > 0.98 * 120 * clip_samples / FeatureConfig().hop_length
+    if name == "shorter_than_a_window":  # padded to exactly one window
+        assert spec.shape[1] == 128
+
+
+# --- 4. concurrency (its runs are also the uninterrupted references of part 3) ------------------
+
+@dataclasses.dataclass
+class ConcurrentRuns:
+    uri: str
+    cache_dir: Path
+    runs: dict[int, str]  # seed -> run ID
+    folders: dict[int, Path]  # seed -> artifact folder
+
+
+@pytest.fixture(scope="module")
+def concurrent(small_data: Path, tmp_path_factory: pytest.TempPathFactory) -> ConcurrentRuns:
+    """Two stage-1 runs started together on a store that does not exist yet and a cold cache."""
+    root = tmp_path_factory.mktemp("concurrent")
+    uri, cache_dir = f"sqlite:///{root}/mlflow.db", root / "cache"
+    children = {seed: Child.start([*STAGE1, "--data", str(small_data), "--seed", str(seed),
+                                   "--cache-dir", str(cache_dir)], root, uri) for seed in SEEDS}
+    for child in children.values():
+        assert child.proc.wait(timeout=600) == 0, child.output()[-3000:]
+    runs = {seed: child.output().rsplit("stage1 run: ", 1)[1].split()[0]
+            for seed, child in children.items()}
+    client = MlflowClient(uri)
+    return ConcurrentRuns(uri, cache_dir, runs,
+                          {seed: artifact_dir(client, run_id) for seed, run_id in runs.items()})
+
+
+def test_two_runs_at_once_share_one_store_and_one_cache(concurrent):
+    client = MlflowClient(concurrent.uri)
+    expected = {f"folds/fold_{k}/{f}" for k in (0, 1) for f in ("model.pt", "scores.npz")}
+    for seed, run_id in concurrent.runs.items():
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED" and run.data.tags["fat.complete"] == "true"
+        assert run.data.params["train.seed"] == str(seed)
+        assert fold_files(concurrent.folders[seed]) == expected
+        assert {"lwlrap_noisy", "lwlrap_curated", "lwlrap_test"} <= set(run.data.metrics)
+    first, second = (run_tables(concurrent.folders[seed])["oof/noisy.csv"] for seed in SEEDS)
+    assert list(first["fname"]) == list(second["fname"])
+    assert not np.allclose(first.iloc[:, 3:], second.iloc[:, 3:])  # each run kept its own
+    folder = concurrent.cache_dir / FeatureConfig().cache_key()
+    entries = cache_entries(folder)
+    assert len(entries) == N_CLIPS and not list(folder.glob("*.tmp"))
+    for spec in entries:
+        assert_valid_entry(spec)
+
+
+# --- 3 + 5. interruption for real, and reproducibility across processes --------------------------
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_killed_stage_resumes_at_its_fold_and_equals_the_uninterrupted_run(
+        small_data, concurrent, tracking, tmp_path, sig):
+    seed = SEEDS[0]
+    args = [*STAGE1, "--data", str(small_data), "--seed", str(seed),
+            "--cache-dir", str(concurrent.cache_dir)]
+    child = Child.start(args, tmp_path, tracking)
+    fold0 = lambda: next(tmp_path.glob("mlruns/*/*/artifacts/folds/fold_0/scores.npz"), None)  # noqa: E731
+    wait_for(lambda: fold0() is not None, child)
+    time.sleep(0.3)  # past the copy of fold 0's files (see the test below); fold 1 takes seconds
+    assert child.kill(sig) == -sig
+    folder = fold0().parents[2]  # the run's artifacts
+    assert fold_files(folder) == {"folds/fold_0/model.pt", "folds/fold_0/scores.npz"}
+    stamps = {p: p.stat().st_mtime_ns for p in folder.glob("folds/fold_0/*")}
+    client = MlflowClient()
+    run_id = folder.parent.name
+    assert client.get_run(run_id).data.tags["fat.complete"] == "false"
+
+    result = CliRunner().invoke(main, [*args, "--resume-run-id", run_id])
+    assert result.exit_code == 0, result.output
+    assert f"stage1 run: {run_id}" in result.output
+    assert stamps == {p: p.stat().st_mtime_ns for p in stamps}  # fold 0 was not retrained
+    resumed = client.get_run(run_id)
+    assert resumed.info.status == "FINISHED" and resumed.data.tags["fat.complete"] == "true"
+    reference = MlflowClient(concurrent.uri).get_run(concurrent.runs[seed])
+    for key in ("lwlrap_curated", "lwlrap_noisy", "lwlrap_test"):
+        assert resumed.data.metrics[key] == pytest.approx(reference.data.metrics[key], abs=1e-6)
+    # same seed + profile on CPU: the same predictions, to the last digit, across processes
+    expected = run_tables(concurrent.folders[seed])
+    for name, table in run_tables(folder).items():
+        pd.testing.assert_frame_equal(table, expected[name], check_exact=True, obj=name)
+
+
+def test_killed_feature_run_leaves_only_whole_entries_and_is_reused(small_data, tracking,
+                                                                     tmp_path):
+    cache_dir = tmp_path / "cold-cache"
+    cfg = get_profile("tiny").features
+    folder = cache_dir / cfg.cache_key()
+    child = Child.start(["features", "--data", str(small_data), "--profile", "tiny",
+                         "--jobs", "2", "--cache-dir", str(cache_dir)], tmp_path, tracking)
+    wait_for(lambda: len(list(folder.glob("*.npy"))) >= N_CLIPS // 2, child)
+    assert child.kill(signal.SIGKILL) == -signal.SIGKILL
+    time.sleep(0.2)  # the killed pool workers are gone too: nothing writes any more
+    entries = cache_entries(folder)
+    assert N_CLIPS // 2 <= len(entries) < N_CLIPS
+    for spec in entries:
+        assert_valid_entry(spec)
+
+    stats = run_features(small_data, cfg, cache_dir, jobs=2, progress=False)
+    assert (stats.n_reused, stats.n_computed, stats.n_failed) == (
+        len(entries), N_CLIPS - len(entries), 0)
+    assert len(cache_entries(folder)) == N_CLIPS
+
+
+def test_fold_killed_while_its_scores_were_copied_counts_as_unfinished(tracking, tmp_path):
+    """A kill in the middle of logging leaves a cut scores.npz: resume retrains that fold."""
+    whole = tmp_path / "scores.npz"
+    np.savez(whole, oof_noisy=np.ones((3, 2), np.float32))
+    with mlflow.start_run() as run:
+        for fold, payload in ((0, whole.read_bytes()), (1, whole.read_bytes()[:60])):
+            folder = tmp_path / f"fold_{fold}"
+            folder.mkdir()
+            (folder / "model.pt").write_bytes(b"weights")
+            (folder / "scores.npz").write_bytes(payload)
+            mlflow.log_artifacts(str(folder), f"folds/fold_{fold}")
+    finished = MlflowFoldStore(run.info.run_id, "cnn", 0.125, 2).finished_folds()
+    assert list(finished) == [0]
+    np.testing.assert_array_equal(finished[0].oof["noisy"], np.ones((3, 2)))
