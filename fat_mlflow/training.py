@@ -99,7 +99,8 @@ def train_fold(
         log = EpochLog(epoch, total_loss / seen, val_score, time.perf_counter() - started,
                        seen / train_seconds)
         history.append(log)
-        bar.set_postfix(loss=f"{log.train_loss:.4f}", val_lwlrap=f"{val_score:.3f}")
+        if validate:
+            bar.set_postfix(loss=f"{log.train_loss:.4f}", val_lwlrap=f"{val_score:.3f}")
         if on_epoch is not None:
             on_epoch(log)
     return history
