@@ -289,11 +289,11 @@ def test_killed_stage_resumes_at_its_fold_and_equals_the_uninterrupted_run(
     args = [*STAGE1, "--data", str(small_data), "--seed", str(seed),
             "--cache-dir", str(concurrent.cache_dir)]
     child = Child.start(args, tmp_path, tracking)
-    fold0 = lambda: next(tmp_path.glob("mlruns/*/*/artifacts/folds/fold_0/scores.npz"), None)  # noqa: E731
-    wait_for(lambda: fold0() is not None, child)
+    fold0 = "mlruns/*/*/artifacts/folds/fold_0/scores.npz"
+    wait_for(lambda: any(tmp_path.glob(fold0)), child)
     time.sleep(0.3)  # past the copy of fold 0's files (see the test below); fold 1 takes seconds
     assert child.kill(sig) == -sig
-    folder = fold0().parents[2]  # the run's artifacts
+    folder = next(tmp_path.glob(fold0)).parents[2]  # the run's artifacts
     assert fold_files(folder) == {"folds/fold_0/model.pt", "folds/fold_0/scores.npz"}
     stamps = {p: p.stat().st_mtime_ns for p in folder.glob("folds/fold_0/*")}
     client = MlflowClient()
