@@ -147,10 +147,6 @@ def log_table(table: pd.DataFrame, artifact_path: str) -> None:
         mlflow.log_artifact(str(path), None if folder == "." else folder)
 
 
-def log_json(payload, artifact_path: str) -> None:
-    mlflow.log_dict(payload, artifact_path)
-
-
 class MlflowFoldStore:
     """Keeps each finished fold (model + scores) as artifacts of the stage run.
 
