@@ -68,6 +68,12 @@ def isolated_tracking(root: Path):
         mlflow.set_tracking_uri(previous_uri or "")
 
 
+@pytest.fixture(scope="session")
+def isolated_store():
+    """`isolated_tracking` itself, for module- and session-scoped fixtures."""
+    return isolated_tracking
+
+
 @pytest.fixture()
 def tracking(tmp_path: Path):
     """Per-test tracking store (SQLite + artifacts in tmp_path); yields the tracking URI."""

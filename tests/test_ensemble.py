@@ -6,7 +6,6 @@ end-to-end path through real training is in test_serving.py.
 """
 from __future__ import annotations
 
-import os
 import tempfile
 from pathlib import Path
 
@@ -31,17 +30,10 @@ N_TEST = 12
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> str:
+def store(tmp_path_factory, isolated_store) -> str:
     """A SQLite tracking store and artifact root in a temp folder, active for this module."""
-    root = tmp_path_factory.mktemp("mlflow")
-    uri = f"sqlite:///{root}/mlflow.db"
-    previous = os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(uri)
-    experiment = MlflowClient().create_experiment("ensemble-tests",
-                                                  artifact_location=str(root / "artifacts"))
-    mlflow.set_experiment(experiment_id=experiment)
-    yield uri
-    mlflow.set_tracking_uri(previous)
+    with isolated_store(tmp_path_factory.mktemp("mlflow")) as uri:
+        yield uri
 
 
 def fake_stage_run(vocabulary: list[str], dataset: str, arch: str = "cnn", seed: int = 0,

@@ -20,7 +20,6 @@ import pandas as pd
 import pytest
 import requests
 from click.testing import CliRunner
-from mlflow.tracking import MlflowClient
 
 from fat_mlflow.cli import main
 from fat_mlflow.config import get_profile
@@ -37,22 +36,17 @@ START_TIMEOUT_S = 90
 
 
 @pytest.fixture(scope="module")
-def registered(demo_data, tmp_path_factory) -> str:
+def registered(demo_data, tmp_path_factory, isolated_store) -> str:
     """Tracking store with a trained tiny stage-1 run, ensembled and registered as champion."""
     root = tmp_path_factory.mktemp("serving-store")
-    uri = f"sqlite:///{root}/mlflow.db"
-    previous = os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(uri)
-    experiment = MlflowClient().create_experiment("serving", artifact_location=str(root / "artifacts"))
-    mlflow.set_experiment(experiment_id=experiment)
-    run_id = run_stage(StageRequest(stage="stage1", data=demo_data,
-                                    profile=get_profile("tiny", {"train.epochs": 1}),
-                                    cache_dir=root / "cache", progress=False))
-    # without `data`: test_ensemble.py covers the scoring; the input example comes from the
-    # run's own dataset
-    build_ensemble([run_id], registered_model=MODEL)
-    yield uri
-    mlflow.set_tracking_uri(previous)
+    with isolated_store(root) as uri:
+        run_id = run_stage(StageRequest(stage="stage1", data=demo_data,
+                                        profile=get_profile("tiny", {"train.epochs": 1}),
+                                        cache_dir=root / "cache", progress=False))
+        # without `data`: test_ensemble.py covers the scoring; the input example comes from the
+        # run's own dataset
+        build_ensemble([run_id], registered_model=MODEL)
+        yield uri
 
 
 def _free_port() -> int:
