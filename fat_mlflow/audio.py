@@ -34,12 +34,8 @@ def load_audio(path: str | Path, sample_rate: int) -> np.ndarray:
     if size == 0:
         raise AudioError(path, "empty file (0 bytes)")
     with path.open("rb") as handle:
-        missing = _wav_missing_bytes(handle, size)
-        if missing:
-            raise AudioError(path, f"truncated WAV file: {missing} bytes of audio data missing")
-        handle.seek(0)
         try:
-            data, rate = sf.read(handle, dtype="float32", always_2d=True)
+            data, rate = _read_checked(handle, size, path)
         except sf.LibsndfileError as error:
             data, rate = _decode_with_audioread(path, error)
     return _finish(data, rate, sample_rate, path)
@@ -49,16 +45,20 @@ def decode_audio_bytes(data: bytes, sample_rate: int, name: str) -> np.ndarray:
     """Decode an uploaded clip (serving); errors name `name`, the client's file name."""
     if not data:
         raise AudioError(name, "empty file (0 bytes)")
-    buffer = io.BytesIO(data)
-    missing = _wav_missing_bytes(buffer, len(data))
-    if missing:
-        raise AudioError(name, f"truncated WAV file: {missing} bytes of audio data missing")
-    buffer.seek(0)
     try:
-        samples, rate = sf.read(buffer, dtype="float32", always_2d=True)
+        samples, rate = _read_checked(io.BytesIO(data), len(data), name)
     except sf.LibsndfileError as error:
         raise AudioError(name, f"not a readable audio file ({error.error_string})") from error
     return _finish(samples, rate, sample_rate, name)
+
+
+def _read_checked(handle: BinaryIO, size: int, name: str | Path) -> tuple[np.ndarray, int]:
+    """soundfile read, after refusing a WAV whose header promises more data than exists."""
+    missing = _wav_missing_bytes(handle, size)
+    if missing:
+        raise AudioError(name, f"truncated WAV file: {missing} bytes of audio data missing")
+    handle.seek(0)
+    return sf.read(handle, dtype="float32", always_2d=True)
 
 
 def _decode_with_audioread(path: Path, sf_error: sf.LibsndfileError) -> tuple[np.ndarray, int]:
