@@ -102,7 +102,7 @@ def read_source_run(run_id: str, dataset: str | None) -> SourceRun:
         features=features, vocabulary=tuple(read_json(run_id, VOCABULARY_ARTIFACT)),
         n_folds=int(profile["train.n_folds"]), window=int(profile["train.crop_frames"]),
         step=int(profile["train.window_step"]), batch_size=int(profile["train.eval_batch_size"]),
-        dataset=run.data.tags.get(TAG_DATASET, ""), data=run.data.params.get("data", ""),
+        dataset=run.data.tags.get(TAG_DATASET, ""), data=run.data.params.get("stage.data", ""),
     )
 
 

@@ -46,6 +46,8 @@ def registered(demo_data, tmp_path_factory, isolated_store) -> str:
         # without `data`: test_ensemble.py covers the scoring; the input example comes from the
         # run's own dataset
         build_ensemble([run_id], registered_model=MODEL)
+        # the input example comes from the dataset recorded on the stage run
+        assert mlflow.models.get_model_info(URI).saved_input_example_info is not None
         yield uri
 
 
