@@ -46,8 +46,9 @@ def configure_tracking() -> str:
     """Use MLFLOW_TRACKING_URI when set, else a SQLite file in the working directory."""
     # Our own bars show progress; one bar per small artifact download is noise.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
-        mlflow.set_tracking_uri(DEFAULT_TRACKING_URI)
+    # Set it even when the variable is set: a URI set earlier in this process (a notebook, a
+    # library call) would otherwise win over the variable.
+    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI)
     uri = mlflow.get_tracking_uri()
     if uri.startswith("sqlite:///") and ":memory:" not in uri and os.name != "nt":
         _create_sqlite_store(str(Path(uri.removeprefix("sqlite:///")).resolve()))
