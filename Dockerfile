@@ -1,0 +1,39 @@
+# The fat-mlflow image: the package, its `fat-mlflow` CLI and MLflow on Python 3.11.
+#
+#   docker build -t fat-mlflow .                                   # CPU torch
+#   docker build -t fat-mlflow --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128 .
+#
+# kubernetes/MLproject names this image as its docker_env: `mlflow run ./kubernetes
+# --backend kubernetes --build-image ...` adds that folder on top of it, pushes the result to
+# the repository-uri of kubernetes/kubernetes_config.json and runs it as a Job
+# (docs/kubernetes.md).
+FROM python:3.11-slim
+
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONUNBUFFERED=1
+
+# torch first, from the wheel index the build asks for: the CPU wheels by default, a CUDA
+# index (pytorch.org lists them) for GPU nodes; the CUDA wheels bring their own CUDA
+# libraries, so the nodes need only the NVIDIA driver and device plugin.
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG TORCH_REQUIREMENT="torch>=2.2"
+RUN pip install --index-url "${TORCH_INDEX_URL}" "${TORCH_REQUIREMENT}"
+
+WORKDIR /opt/fat-mlflow
+
+# The other dependencies from pyproject.toml alone, so that a code change reuses this layer.
+COPY pyproject.toml ./
+RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+        > /tmp/requirements.txt \
+    && pip install -r /tmp/requirements.txt \
+    && rm /tmp/requirements.txt
+
+COPY README.md ./
+COPY fat_mlflow ./fat_mlflow
+COPY kubernetes/run-entry-point /usr/local/bin/run-entry-point
+RUN pip install --no-deps . \
+    && chmod 755 /usr/local/bin/run-entry-point \
+    && fat-mlflow --version
+
+CMD ["fat-mlflow", "--help"]
