@@ -66,6 +66,8 @@ class TrainConfig:
     eval_batch_size: int = 256
     seed: int = 42
     device: str = "auto"  # "auto", "cpu" or "cuda"
+    amp: bool = True  # on a GPU: bfloat16 autocast (ignored on the CPU)
+    channels_last: bool = True  # on a GPU: NHWC tensors for the convolutions
     num_threads: int = 0  # 0: torch's default
 
 

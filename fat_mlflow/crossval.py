@@ -120,7 +120,7 @@ def _score_fold(model, fold, sets, test, cfg, device) -> FoldResult:
         if not specs:
             return np.zeros((0, len(next(iter(sets.values())).targets[0])), np.float32)
         return predict_spectrograms([model], specs, cfg.crop_frames, cfg.window_step,
-                                    cfg.eval_batch_size, device)
+                                    cfg.eval_batch_size, device, amp=cfg.amp)
 
     oof, fold_lwlrap = {}, {}
     for name, clip_set in sets.items():
@@ -155,7 +155,8 @@ def assemble(
             overall[name] = lwlrap(clip_set.targets[done], scores[done])
     test_scores = None
     if test is not None and results:
-        test_scores = np.mean([r.test for r in results.values()], axis=0)
+        # in fold order: folds read back from a store (fold jobs) average like a single run's
+        test_scores = np.mean([results[fold].test for fold in sorted(results)], axis=0)
         if test.targets.sum() > 0:
             overall["test"] = lwlrap(test.targets, test_scores)
     return CrossValResult(tables, overall, test_scores)

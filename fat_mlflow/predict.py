@@ -18,11 +18,13 @@ def predict_spectrograms(
     step: int = 48,
     batch_size: int = 256,
     device: torch.device | str = "cpu",
+    amp: bool = True,
 ) -> np.ndarray:
     """Mean sigmoid score per clip: averaged over its windows, then over `models`.
 
     Windows of many clips share one batch, and each batch is standardised once and fed
-    to every model, so an ensemble costs one preprocessing pass.
+    to every model, so an ensemble costs one preprocessing pass. On a GPU the models run
+    in bfloat16 autocast (as in training) unless `amp` is off.
     """
     if not models:
         raise ValueError("predict_spectrograms needs at least one model")
@@ -36,7 +38,8 @@ def predict_spectrograms(
         inputs = inputs.to(device, non_blocking=True)
         if device.type == "cuda":
             inputs = inputs.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, dtype=torch.bfloat16,
+                            enabled=amp and device.type == "cuda"):
             probs = sum(torch.sigmoid(model(inputs).float()) for model in models) / len(models)
         index = torch.from_numpy(clip_index)
         sums.index_add_(0, index, probs.double().cpu())

@@ -60,7 +60,8 @@ def train_fold(
     """Train `model` in place for `cfg.epochs` epochs; returns the per-epoch log.
 
     On a GPU the forward/backward pass runs in bfloat16 autocast with channels_last
-    tensors; on the CPU in float32. Everything random draws from `seed`.
+    tensors unless `cfg` switches them off; on the CPU in float32. Everything random draws
+    from `seed`.
     """
     device = resolve_device(cfg.device)
     on_gpu = device.type == "cuda"
@@ -70,7 +71,8 @@ def train_fold(
     generator = torch.Generator().manual_seed(seed)
     transform = build_batch_augment(augment)
     model.to(device)
-    if on_gpu:
+    channels_last = on_gpu and cfg.channels_last
+    if channels_last:
         model.to(memory_format=torch.channels_last)
     n_steps = steps_per_epoch(len(train_specs), cfg.batch_size)
     if n_steps == 0:
@@ -88,8 +90,8 @@ def train_fold(
         for inputs, targets in training_batches(
             train_specs, train_targets, cfg.batch_size, cfg.crop_frames, rng
         ):
-            inputs, targets = transform(inputs, targets, generator)
-            loss = train_step(model, inputs, targets, optimizer, loss_fn, device)
+            loss = augmented_step(model, inputs, targets, transform, generator, optimizer,
+                                  loss_fn, device, amp=cfg.amp, channels_last=channels_last)
             schedule.step()
             total_loss += loss * len(targets)
             seen += len(targets)
@@ -106,6 +108,30 @@ def train_fold(
     return history
 
 
+def augmented_step(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    transform: Callable,
+    generator: torch.Generator,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: nn.Module,
+    device: torch.device,
+    amp: bool = True,
+    channels_last: bool = True,
+) -> float:
+    """Move a batch to the device, augment it THERE, then take one optimiser step.
+
+    The augmentations draw their randomness from `generator` (on the CPU) whatever the
+    device, so a GPU run sees the same crops, partners and bands as a CPU run; only the
+    pixel work moves to the GPU, where the per-sample zoom of a 128-clip batch would
+    otherwise keep the network waiting.
+    """
+    inputs, targets = transform(inputs.to(device, non_blocking=True),
+                                targets.to(device, non_blocking=True), generator)
+    return train_step(model, inputs, targets, optimizer, loss_fn, device, amp, channels_last)
+
+
 def train_step(
     model: nn.Module,
     inputs: torch.Tensor,
@@ -113,14 +139,16 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     loss_fn: nn.Module,
     device: torch.device,
+    amp: bool = True,
+    channels_last: bool = True,
 ) -> float:
-    """One optimiser step on one augmented batch; bfloat16 + channels_last on a GPU."""
+    """One optimiser step on one augmented batch; by default bfloat16 + channels_last on a GPU."""
     on_gpu = device.type == "cuda"
     inputs = inputs.to(device, non_blocking=True)
     targets = targets.to(device, non_blocking=True)
-    if on_gpu:
+    if on_gpu and channels_last:
         inputs = inputs.contiguous(memory_format=torch.channels_last)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_gpu):
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_gpu and amp):
         loss = loss_fn(model(inputs).float(), targets)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -139,5 +167,5 @@ def evaluate(
     if len(specs) == 0 or targets.sum() == 0:
         return float("nan")
     scores = predict_spectrograms([model], specs, cfg.crop_frames, cfg.val_window_step,
-                                  cfg.eval_batch_size, device)
+                                  cfg.eval_batch_size, device, amp=cfg.amp)
     return lwlrap(targets, scores)
