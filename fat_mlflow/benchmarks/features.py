@@ -1,72 +1,126 @@
-"""Feature extraction speed: FeatureCache.compute (parallel, cold) vs a plain librosa loop.
+"""Feature extraction speed: FeatureCache.compute (parallel; cold and warm cache) vs a plain
+sequential librosa loop with the seed's parameters.
 
-Both paths run the same log_mel over the same N ESC-50 clips in one run, so the table compares
-like with like; the warm rows show what every later stage pays instead.
+Every row runs the same log_mel over the same clips in one process, so the ratios compare like
+with like; the warm rows show what every later stage pays instead.
 
-    python -m fat_mlflow.benchmarks.features [--n 200] [--esc50 PATH]
+    python -m fat_mlflow.benchmarks.features [--profile standard] [--data DIR | --esc50 DIR]
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import tempfile
-import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import librosa
 import pandas as pd
+import torch
 from threadpoolctl import threadpool_limits
 
-from fat_mlflow.demo import default_esc50_dir
+from fat_mlflow.benchmarks import BENCHMARK_PROFILES
+from fat_mlflow.benchmarks.common import Result, Table, machine_facts, median, passes, timed
 from fat_mlflow.config import FeatureConfig
+from fat_mlflow.data import DataLayoutError, load_dataset
+from fat_mlflow.demo import default_esc50_dir
 from fat_mlflow.features import FeatureCache, log_mel
 
+COLUMNS = (("seconds", "s"), ("clips_per_s", "clips/s"), ("x_realtime", "x realtime"),
+           ("speed_vs_baseline", "speed vs baseline (x)"))
 
 
-def sequential(paths: list[Path], cfg: FeatureConfig) -> tuple[float, float]:
-    """(seconds, audio seconds) of librosa.load + log_mel, one clip after the other."""
-    start, audio = time.perf_counter(), 0.0
+def benchmark_clips(data: Path | None, esc50: Path | None, n: int) -> list[Path]:
+    """The first `n` clips of a FAT2019-layout dataset (curated, test, noisy), else of ESC-50
+    in file-name order: the same clips in every run, so figures of two runs compare."""
+    if data is not None:
+        dataset = load_dataset(data)
+        frames = [dataset.curated, dataset.test] + ([dataset.noisy] if dataset.has_noisy else [])
+        paths = [Path(p) for frame in frames for p in frame["path"]]
+    else:
+        esc50 = esc50 or default_esc50_dir()
+        meta = esc50 / "meta" / "esc50.csv"
+        if not meta.is_file():
+            raise DataLayoutError(f"ESC-50 clips not found at {esc50} (no meta/esc50.csv): "
+                                  "give the ESC-50 folder (--esc50) or a dataset (--data)")
+        paths = [esc50 / "audio" / name for name in sorted(pd.read_csv(meta)["filename"])]
+    if not paths:
+        raise DataLayoutError(f"no clips to measure in {data or esc50}")
+    return paths[:n]
+
+
+def sequential_loop(paths: Sequence[Path], cfg: FeatureConfig) -> None:
+    """The baseline: librosa.load + log_mel, one clip after the other."""
     for path in paths:
         wave, _ = librosa.load(path, sr=cfg.sample_rate)
-        log_mel(wave, cfg)
-        audio += wave.size / cfg.sample_rate
-    return time.perf_counter() - start, audio
+        log_mel(wave, cfg, name=str(path))
+
+
+def run(paths: Sequence[Path], repeats: int, cfg: FeatureConfig = FeatureConfig(),
+        n_jobs: int = 0) -> Table:
+    """Loop (the baseline), loop with one BLAS thread (what each cache worker does: separates
+    the two gains), cold cache (a fresh folder per pass), warm cache, and a full read."""
+    paths = list(paths)
+    sequential_loop(paths[:1], cfg)  # imports and numba compilation are not the loop's cost
+    loop = timed(lambda: sequential_loop(paths, cfg), repeats)
+    with threadpool_limits(limits=1):
+        loop_1_thread = timed(lambda: sequential_loop(paths, cfg), repeats)
+    workers = min(n_jobs or os.cpu_count() or 1, len(paths))
+    cold, warm, read = [], [], []
+    for _ in range(repeats):
+        with tempfile.TemporaryDirectory(prefix="fat-bench-cache-") as root:
+            cache = FeatureCache(Path(root), cfg)
+            stats = cache.compute(paths, n_jobs=n_jobs, progress=False)
+            if stats.failures:
+                raise ValueError("clips that cannot be benchmarked: " + "; ".join(
+                    f"{path}: {reason}" for path, reason in stats.failures.items()))
+            cold.append(stats.seconds)
+            audio_s = stats.audio_seconds
+            warm.append(cache.compute(paths, n_jobs=n_jobs, progress=False).seconds)
+            read += timed(lambda: cache.load_many(paths, mmap=False), 1)
+    baseline_s = median(loop)
+    settings = {f"features.{key}": value for key, value in dataclasses.asdict(cfg).items()}
+    shared = {"n_clips": len(paths), "audio_seconds": round(audio_s, 3), "repeats": repeats,
+              "librosa_version": librosa.__version__, **settings}
+    rows = [
+        ("librosa loop, sequential", loop, {"method": "librosa loop", "workers": 1,
+                                            "blas_threads": "default", "cache": "none"}, True),
+        ("librosa loop, sequential, 1 BLAS thread", loop_1_thread,
+         {"method": "librosa loop", "workers": 1, "blas_threads": 1, "cache": "none"}, False),
+        (f"FeatureCache.compute, cold, {workers} workers", cold,
+         {"method": "FeatureCache.compute", "workers": workers, "blas_threads": 1,
+          "cache": "cold"}, False),
+        ("FeatureCache.compute, warm (all reused)", warm,
+         {"method": "FeatureCache.compute", "workers": workers, "blas_threads": 1,
+          "cache": "warm"}, False),
+        ("FeatureCache.load_many, full read", read,
+         {"method": "FeatureCache.load_many", "workers": 1, "blas_threads": "default",
+          "cache": "warm"}, False),
+    ]
+    results = []
+    for setting, seconds, params, baseline in rows:
+        s = median(seconds)
+        results.append(Result(setting, {**shared, **params}, {
+            "seconds": s, "clips_per_s": len(paths) / s, "x_realtime": audio_s / s,
+            "speed_vs_baseline": baseline_s / s}, baseline))
+    title = f"log-mel of {len(paths)} clips ({audio_s / 60:.1f} min of audio), {passes(repeats)}"
+    return Table("features", title, COLUMNS, tuple(results), machine_facts(torch.device("cpu")))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=200, help="number of ESC-50 clips")
-    parser.add_argument(
-        "--esc50", type=Path, default=default_esc50_dir()
-    )
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--profile", choices=sorted(BENCHMARK_PROFILES), default="standard",
+                        help="benchmark size")
+    parser.add_argument("--n", type=int, default=0, help="number of clips (0: the profile's)")
+    parser.add_argument("--repeats", type=int, default=0, help="timed passes (0: the profile's)")
+    parser.add_argument("--data", type=Path, default=None, help="FAT2019-layout dataset")
+    parser.add_argument("--esc50", type=Path, default=None,
+                        help="ESC-50 folder (default $FAT_MLFLOW_ESC50 or ../shared/data/esc50)")
     args = parser.parse_args()
-    cfg = FeatureConfig()
-    names = pd.read_csv(args.esc50 / "meta" / "esc50.csv")["filename"].sort_values().iloc[: args.n]
-    paths = [args.esc50 / "audio" / name for name in names]
-    sequential(paths[:1], cfg)  # imports and numba compilation are not part of the loop's cost
-
-    loop_s, audio_s = sequential(paths, cfg)
-    rows = [("librosa loop, sequential", loop_s, audio_s)]
-    with threadpool_limits(limits=1):  # what each cache worker does; separates the two gains
-        rows.append(("librosa loop, sequential, 1 BLAS thread", *sequential(paths, cfg)))
-    with tempfile.TemporaryDirectory() as root:
-        cache = FeatureCache(Path(root), cfg)
-        cold = cache.compute(paths, n_jobs=0, progress=False)
-        if cold.failures:
-            raise SystemExit(f"unexpected failures: {cold.failures}")
-        workers = f"FeatureCache.compute, cold, {os.cpu_count()} workers"
-        rows.append((workers, cold.seconds, cold.audio_seconds))
-        warm = cache.compute(paths, n_jobs=0, progress=False)
-        rows.append(("FeatureCache.compute, warm (all reused)", warm.seconds, audio_s))
-        start = time.perf_counter()
-        cache.load_many(paths, mmap=False)
-        rows.append(("FeatureCache.load_many, full read", time.perf_counter() - start, audio_s))
-
-    print(f"{len(paths)} ESC-50 clips, {audio_s / 60:.1f} min of audio, {os.cpu_count()} CPU cores")
-    print(f"{'method':<44}{'seconds':>9}{'clips/s':>10}{'x realtime':>12}")
-    for method, seconds, audio in rows:
-        print(f"{method:<44}{seconds:>9.2f}{len(paths) / seconds:>10.1f}{audio / seconds:>12.0f}")
-    print(f"speed-up of the cold cache over the loop: {loop_s / cold.seconds:.2f}x")
+    size = BENCHMARK_PROFILES[args.profile]
+    paths = benchmark_clips(args.data, args.esc50, args.n or size.feature_clips)
+    print(run(paths, args.repeats or size.repeats).markdown())
 
 
 if __name__ == "__main__":

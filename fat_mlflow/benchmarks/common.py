@@ -1,0 +1,125 @@
+"""What the benchmarks share: timing, machine facts, result rows and their markdown table.
+
+No MLflow or librosa here: `python -m fat_mlflow.benchmarks.training` uses this module on GPU
+machines that have only torch and numpy. The MLflow side is `fat_mlflow.benchmarks.report`.
+"""
+from __future__ import annotations
+
+import math
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ParamValue = str | int | float | bool
+
+
+@dataclass(frozen=True)
+class Result:
+    """One measured setting: a row of its table and, in the report, one MLflow run.
+
+    `params` say what was measured (sizes, settings); `metrics` hold the figures and the ratio
+    against the table's baseline, which was measured in the same process on the same inputs.
+    """
+
+    setting: str
+    params: dict[str, ParamValue]
+    metrics: dict[str, float]
+    baseline: bool = False
+
+
+@dataclass(frozen=True)
+class Table:
+    """The results of one benchmark, with the columns its markdown table shows."""
+
+    benchmark: str  # "features", "training" or "inference"
+    title: str  # what was measured on what: the caption of the table
+    columns: tuple[tuple[str, str], ...]  # (metric key, column header)
+    results: tuple[Result, ...]
+    facts: dict[str, ParamValue]  # the machine: cores, torch, device
+
+    def markdown(self) -> str:
+        """`### title`, the machine line, then one row per result (a missing figure is '–')."""
+        header = "| setting | " + " | ".join(title for _, title in self.columns) + " |"
+        lines = [f"### {self.benchmark}: {self.title}", "", describe_machine(self.facts), "",
+                 header, "|" + "---|" * (len(self.columns) + 1)]
+        for result in self.results:
+            label = result.setting + (" (baseline)" if result.baseline else "")
+            cells = [format_number(result.metrics.get(key)) for key, _ in self.columns]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        return "\n".join(lines) + "\n"
+
+
+def format_number(value: float | None) -> str:
+    """Three significant digits below 100, whole numbers above: readable for 0.004 and 25515."""
+    if value is None or not math.isfinite(value):
+        return "–"
+    if abs(value) >= 100:
+        return f"{value:.0f}"
+    return f"{value:.3g}"
+
+
+def timed(call: Callable[[], object], repeats: int, warmup: int = 0) -> list[float]:
+    """Seconds of each of `repeats` calls, after `warmup` untimed ones (kernel selection,
+    allocation and oneDNN's per-shape setup are not part of the steady cost)."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    for _ in range(warmup):
+        call()
+    seconds = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        call()
+        seconds.append(time.perf_counter() - started)
+    return seconds
+
+
+def passes(n: int) -> str:
+    """"median of 3 timed passes" / "1 timed pass": how a figure was obtained, for captions."""
+    return f"median of {n} timed passes" if n != 1 else "1 timed pass"
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values))
+
+
+def percentiles_ms(seconds: Sequence[float]) -> tuple[float, float]:
+    """p50 and p95 in milliseconds."""
+    p50, p95 = np.percentile(np.asarray(seconds) * 1000, [50, 95])
+    return float(p50), float(p95)
+
+
+def machine_facts(device: torch.device) -> dict[str, ParamValue]:
+    """What the figures depend on besides the code: logged with every result."""
+    return {
+        "cpu_count": os.cpu_count() or 0,
+        "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+        else os.cpu_count() or 0,
+        "cpu_name": _cpu_name(),
+        "torch_version": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "device": device.type,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "python_version": platform.python_version(),
+    }
+
+
+def describe_machine(facts: dict[str, ParamValue]) -> str:
+    return (f"Machine: {facts['usable_cpus']} usable CPU cores ({facts['cpu_name']}), "
+            f"torch {facts['torch_version']} with {facts['torch_threads']} threads, "
+            f"device {facts['device_name']}.")
+
+
+def _cpu_name() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    return platform.processor() or platform.machine()

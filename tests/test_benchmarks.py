@@ -1,0 +1,172 @@
+"""`fat-mlflow benchmark`: each result is an MLflow run with sane figures and machine facts, the
+markdown tables are written and logged; the training benchmark runs without MLflow or librosa."""
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+
+from fat_mlflow.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _benchmark(*args: str):
+    result = CliRunner().invoke(main, ["benchmark", "--profile", "tiny", *args])
+    assert result.exit_code == 0, f"{result.output}\n{result.exception!r}"
+    return result
+
+
+def _children(tracking_uri: str) -> tuple[mlflow.entities.Run, dict[str, list]]:
+    """The single benchmark parent run and its result runs grouped by benchmark."""
+    runs = MlflowClient(tracking_uri).search_runs(["0"])
+    parents = [r for r in runs if r.data.tags.get("fat.stage") == "benchmark"]
+    assert len(parents) == 1
+    grouped: dict[str, list] = {}
+    for run in runs:
+        if run.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id:
+            grouped.setdefault(run.data.tags["fat.benchmark"], []).append(run)
+    return parents[0], grouped
+
+
+def _by_setting(runs: list) -> dict[str, mlflow.entities.Run]:
+    return {run.data.params["setting"]: run for run in runs}
+
+
+def test_every_result_is_a_run_with_sane_figures_and_the_tables_are_written(
+        demo_data, tracking, tmp_path):
+    out = tmp_path / "report" / "benchmarks.md"
+    result = _benchmark("--data", str(demo_data), "--out", str(out))
+    parent, grouped = _children(tracking)
+    assert set(grouped) == {"features", "training", "inference"}
+    children = [run for runs in grouped.values() for run in runs]
+    for run in children:
+        params, metrics = run.data.params, run.data.metrics
+        assert run.info.status == "FINISHED"
+        assert params["cpu_count"] == str(os.cpu_count())
+        assert params["torch_version"] == torch.__version__
+        assert params["device_name"] and params["benchmark_profile"] == "tiny"
+        assert metrics and all(np.isfinite(v) and v > 0 for v in metrics.values()), metrics
+    for name, runs in grouped.items():
+        baselines = [run for run in runs if run.data.params["baseline"] == "True"]
+        assert len(baselines) == 1, name
+        assert baselines[0].data.tags["fat.baseline"] == "true"
+
+    features = _by_setting(grouped["features"])
+    assert len(features) == 5
+    loop = features["librosa loop, sequential"]
+    assert loop.data.metrics["speed_vs_baseline"] == 1.0
+    for run in features.values():
+        m = run.data.metrics
+        assert run.data.params["n_clips"] == "6"
+        assert m["clips_per_s"] * m["seconds"] == pytest.approx(6)
+        assert m["speed_vs_baseline"] == pytest.approx(
+            loop.data.metrics["seconds"] / m["seconds"])
+        assert m["x_realtime"] == pytest.approx(
+            float(run.data.params["audio_seconds"]) / m["seconds"], rel=1e-3)
+
+    training = grouped["training"]
+    peak = next(r for r in training if r.data.params["measure"] == "peak").data.metrics
+    assert peak["share_of_peak"] == 1.0
+    nets = {(r.data.params["profile"], r.data.params["arch"]): r for r in training
+            if r.data.params["measure"] == "training"}
+    assert set(nets) == {("quick", "cnn"), ("paper", "cnn"), ("paper", "vgg16")}
+    gflop = {key: run.data.metrics["gflop_fwd_per_sample"] for key, run in nets.items()}
+    assert gflop[("quick", "cnn")] < gflop[("paper", "cnn")] < gflop[("paper", "vgg16")]
+    for key, run in nets.items():
+        m = run.data.metrics
+        assert run.data.params["batch"] == ("16" if key[0] == "quick" else "2")
+        assert run.data.params["input"].startswith("the cached log-mels of 6 clips")
+        assert m["tflop_per_s"] == pytest.approx(3 * m["gflop_fwd_per_sample"] * 1e9
+                                                 * m["samples_per_s"] / 1e12)
+        assert m["share_of_peak"] == pytest.approx(m["tflop_per_s"] / peak["tflop_per_s"])
+
+    inference = _by_setting(grouped["inference"])
+    single = inference["one cnn fold model, fat_mlflow.predict"].data.metrics
+    ensemble = inference["ensemble of 6 fold models, pyfunc in process"].data.metrics
+    decode = inference["decode + log-mel only (shared by all models)"].data.metrics
+    assert single["latency_speed_vs_baseline"] == single["throughput_vs_baseline"] == 1.0
+    for m in (single, ensemble, decode):
+        assert m["p95_ms"] >= m["p50_ms"]
+        assert m["latency_speed_vs_baseline"] == pytest.approx(single["p50_ms"] / m["p50_ms"])
+    assert ensemble["throughput_vs_baseline"] == pytest.approx(
+        ensemble["clips_per_s"] / single["clips_per_s"])
+    assert "clips_per_s" not in decode
+
+    text = out.read_text()
+    assert text == mlflow.artifacts.load_text(f"runs:/{parent.info.run_id}/benchmarks.md")
+    assert text in result.output
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line]
+    table_headers = [line for line in rows if line.startswith("| setting |")]
+    assert len(table_headers) == 3 and len(rows) - 3 == len(children)
+    for run in children:
+        label = run.data.params["setting"]
+        assert any(row.startswith(f"| {label}") for row in rows), label
+    assert parent.data.params["benchmark.profile"] == "tiny"
+
+
+def test_a_given_model_is_measured_alone(tracking, tmp_path, esc50_dir):
+    from fat_mlflow.benchmarks.serving import save_tagger
+
+    model = save_tagger(tmp_path / "tagger", ["cnn"], runs_per_arch=1, n_folds=2)
+    _benchmark("--only", "inference", "--model-uri", str(model), "--esc50", str(esc50_dir),
+               "--out", str(tmp_path / "b.md"))
+    _, grouped = _children(tracking)
+    assert set(grouped) == {"inference"}
+    runs = _by_setting(grouped["inference"])
+    ensemble = runs["ensemble of 2 fold models, pyfunc in process"]
+    assert ensemble.data.params["model"] == str(model)
+    assert ensemble.data.params["n_fold_models"] == "2"
+    assert float(ensemble.data.params["latency_clip_seconds"]) == pytest.approx(5, abs=0.1)
+
+
+def test_unknown_benchmark_is_refused_before_any_run(tracking, tmp_path):
+    result = CliRunner().invoke(main, ["benchmark", "--only", "features,speed"])
+    assert result.exit_code == 2
+    assert "unknown benchmark(s) speed" in result.output
+    assert not (tmp_path / "mlflow.db").exists()  # the tracking store was never opened
+
+
+def test_mlproject_entry_point_passes_every_parameter_to_the_command():
+    entry = yaml.safe_load((REPO / "MLproject").read_text())["entry_points"]["benchmark"]
+    command = shlex.split(entry["command"])
+    assert command[:2] == ["fat-mlflow", "benchmark"]
+    options = dict(zip(command[2::2], command[3::2]))
+    assert options == {f"--{name.replace('_', '-')}": f"{{{name}}}"
+                       for name in entry["parameters"]}
+    cli_options = {opt for param in main.commands["benchmark"].params for opt in param.opts}
+    assert set(options) <= cli_options
+
+
+def test_training_benchmark_runs_without_mlflow_and_librosa(tmp_path):
+    """What a bare GPU machine (torch + numpy only) runs, here on precomputed .npy log-mels."""
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        np.save(tmp_path / f"clip{i}.npy", rng.normal(-40, 10, (128, 200)).astype(np.float32))
+    script = textwrap.dedent(f"""
+        import runpy, sys
+        sys.modules["mlflow"] = None  # any import of these now raises ImportError
+        sys.modules["librosa"] = None
+        sys.argv = ["training", "--profile", "tiny", "--configs", "quick/cnn",
+                    "--npy-dir", {str(tmp_path)!r}]
+        runpy.run_module("fat_mlflow.benchmarks.training", run_name="__main__")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| ")]
+    assert rows[1].startswith("| matmul 1024x1024, float32 (baseline) |")
+    assert rows[2].startswith("| quick, cnn, width 0.125, batch 16 |")
+    assert len(rows) == 3
+    assert f"log-mels from {tmp_path}" in done.stdout
