@@ -1,0 +1,342 @@
+"""Quality ablations: what SpecMix, mixup and the warm-up buy, with their spread over seeds.
+
+Each (ablation, seed) is one whole pipeline run (parent + stage runs), tagged `fat.ablation`;
+a finished one is found again by a hash of its inputs and reused, so an interrupted sweep
+resumes where it stopped and a re-run only rebuilds the report. Stage runs shared between
+ablations (stage 1 of `full` and `no_warm_start`) are reused by the pipeline itself.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field, replace
+from multiprocessing import get_context
+from pathlib import Path
+
+import click
+import matplotlib.pyplot as plt
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.tracking import MlflowClient
+from scipy import stats
+
+from fat_mlflow.baseline import baseline_scores, fit_logistic_baseline
+from fat_mlflow.config import Profile
+from fat_mlflow.data import FatDataset, dataset_fingerprint, load_dataset
+from fat_mlflow.features import FeatureCache
+from fat_mlflow.metrics import lwlrap
+from fat_mlflow.pipeline import PipelineRequest, ensure_demo_data, run_pipeline
+from fat_mlflow.plots import plot_ablations
+from fat_mlflow.tracking import (
+    TAG_DATASET,
+    TAG_PIPELINE,
+    TAG_STAGE,
+    configure_tracking,
+    download,
+    read_table,
+)
+
+TAG_ABLATION = "fat.ablation"
+TAG_KEY = "fat.ablation_key"
+
+
+@dataclass(frozen=True)
+class Ablation:
+    name: str
+    description: str
+    overrides: dict[str, str] = field(default_factory=dict)
+    warm_start: bool = True
+
+
+ABLATIONS: dict[str, Ablation] = {a.name: a for a in (
+    Ablation("full", "SpecMix + mixup, each stage warm-started (the seed)"),
+    Ablation("no_specmix", "mixup only", {"augment.specmix": "false"}),
+    Ablation("no_warm_start", "every stage from scratch", warm_start=False),
+    Ablation("specmix_no_mixup", "SpecMix without mixup", {"augment.mixup": "false"}),
+    Ablation("no_mixing", "neither SpecMix nor mixup",
+             {"augment.specmix": "false", "augment.mixup": "false"}),
+)}
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One line of the report: a number read from the runs of one ablation."""
+
+    label: str
+    ablation: str
+    column: str
+
+
+COMPARISONS = (
+    Comparison("full pipeline (ensemble of stages 2-4)", "full", "ensemble_test"),
+    Comparison("no SpecMix (mixup only)", "no_specmix", "ensemble_test"),
+    Comparison("SpecMix without mixup", "specmix_no_mixup", "ensemble_test"),
+    Comparison("no SpecMix, no mixup", "no_mixing", "ensemble_test"),
+    Comparison("no warm start (every stage from scratch)", "no_warm_start", "ensemble_test"),
+    Comparison("stage 2 alone (curated only, from scratch)", "no_warm_start", "model2_test"),
+    Comparison("single fold model (stage 4, fold 0)", "full", "single_fold_test"),
+    Comparison("stage 4 alone (all folds, warm-started)", "full", "model4_test"),
+)
+REFERENCE = COMPARISONS[0]
+
+
+@dataclass
+class AblationRequest:
+    profile: Profile
+    seeds: list[int]
+    esc50: Path
+    data: Path | None = None
+    names: list[str] = field(default_factory=lambda: list(ABLATIONS))
+    cache_dir: Path | None = None
+    jobs: int = 1  # pipelines trained in parallel processes
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.names) - set(ABLATIONS))
+        if unknown:
+            raise ValueError(f"unknown ablation(s) {', '.join(unknown)}; choose from "
+                             f"{', '.join(ABLATIONS)}")
+        if not self.seeds:
+            raise ValueError("ablations need at least one seed")
+
+
+def ablation_key(ablation: Ablation, profile: Profile, fingerprint: str) -> str:
+    """Everything that makes two runs of an ablation interchangeable (the seed is in the profile)."""
+    payload = {"ablation": ablation.name, "overrides": ablation.overrides,
+               "warm_start": ablation.warm_start, "profile": profile.flat(),
+               "dataset": fingerprint}
+    return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def ablation_profile(base: Profile, ablation: Ablation, seed: int, threads: int) -> Profile:
+    profile = base.override(ablation.overrides)
+    return replace(profile, train=replace(profile.train, seed=seed, num_threads=threads))
+
+
+def finished_pipeline(key: str) -> str | None:
+    runs = MlflowClient().search_runs(
+        experiment_ids=[_experiment_id()],
+        filter_string=f"tags.`{TAG_KEY}` = '{key}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+    )
+    return next((r.info.run_id for r in runs if TAG_PIPELINE in r.data.tags), None)
+
+
+def _experiment_id() -> str:
+    experiment_id = os.environ.get("MLFLOW_EXPERIMENT_ID")
+    return experiment_id or mlflow.get_experiment_by_name(
+        os.environ.get("MLFLOW_EXPERIMENT_NAME", "Default")).experiment_id
+
+
+def run_one(request: AblationRequest, data: Path, ablation: Ablation, seed: int,
+            threads: int) -> dict:
+    """Train (or reuse) one ablation at one seed; returns its row of test scores."""
+    profile = ablation_profile(request.profile, ablation, seed, threads)
+    dataset = load_dataset(data)
+    key = ablation_key(ablation, profile, dataset_fingerprint(dataset))
+    pipeline_id = finished_pipeline(key)
+    if pipeline_id:
+        click.echo(f"{ablation.name} seed {seed}: reusing pipeline run {pipeline_id}")
+    else:
+        click.echo(f"{ablation.name} seed {seed}: training")
+        pipeline_id, _ = run_pipeline(PipelineRequest(
+            data=data, profile=profile, archs=["cnn"], esc50=request.esc50,
+            registered_model=f"fat-ablation-{ablation.name}", warm_start=ablation.warm_start,
+            cache_dir=request.cache_dir, progress=False,
+            tags={TAG_ABLATION: ablation.name, TAG_KEY: key, "fat.seed": str(seed)}))
+    return pipeline_row(pipeline_id, dataset) | {"ablation": ablation.name, "seed": seed}
+
+
+def pipeline_row(pipeline_id: str, dataset: FatDataset) -> dict:
+    """Test lwlrap of every model of one pipeline run, plus its first fold model alone."""
+    table = read_table(pipeline_id, "report/stage_table.csv")
+    row: dict = {"pipeline_run_id": pipeline_id}
+    for record in table.to_dict("records"):
+        name = "ensemble" if record["stage"] == "ensemble" else f"model{record['stage'][-1]}"
+        for column in ("lwlrap_noisy", "lwlrap_curated", "lwlrap_test", "selection_precision"):
+            value = record.get(column)
+            if value is not None and not pd.isna(value):
+                row[f"{name}_{column.removeprefix('lwlrap_')}"] = float(value)
+    stage4 = table.loc[table["stage"] == "stage4", "run_id"].iloc[0]
+    row["single_fold_test"] = single_fold_lwlrap(stage4, dataset, fold=0)
+    return row
+
+
+def single_fold_lwlrap(stage_run_id: str, dataset: FatDataset, fold: int) -> float:
+    """Test lwlrap of one fold model, from the scores the stage run kept for that fold."""
+    fnames = read_table(stage_run_id, "test_scores.csv")["fname"]
+    with np.load(download(stage_run_id, f"folds/fold_{fold}/scores.npz")) as scores:
+        fold_scores = scores["test"]
+    truth = dataset.targets(dataset.test.set_index("fname").loc[fnames].reset_index())
+    return lwlrap(truth, fold_scores)
+
+
+def _run_task(request: AblationRequest, data: Path, name: str, seed: int, threads: int) -> dict:
+    configure_tracking()
+    return run_one(request, data, ABLATIONS[name], seed, threads)
+
+
+def run_sweep(request: AblationRequest, data: Path) -> pd.DataFrame:
+    """Every ablation at every seed, ablation by ablation (so an interrupted sweep leaves
+    whole ablations behind), in `jobs` parallel processes that split the CPU threads."""
+    tasks = [(name, seed) for name in request.names for seed in request.seeds]
+    if request.jobs <= 1:
+        threads = request.profile.train.num_threads
+        return pd.DataFrame([_run_task(request, data, name, seed, threads) for name, seed in tasks])
+    threads = max(1, (os.cpu_count() or 1) // request.jobs)
+    with ProcessPoolExecutor(request.jobs, mp_context=get_context("spawn")) as pool:
+        futures = [pool.submit(_run_task, request, data, name, seed, threads)
+                   for name, seed in tasks]
+        return pd.DataFrame([future.result() for future in futures])
+
+
+def baseline_row(data: Path, profile: Profile, cache_dir: Path | None) -> dict:
+    """Logistic-regression floor on the same cached features: curated only, and curated + noisy."""
+    dataset = load_dataset(data)
+    cache = FeatureCache(cache_dir, profile.features)
+    frames = {"curated": dataset.curated, "noisy": dataset.noisy_or_none, "test": dataset.test}
+    cache.compute([p for f in frames.values() if f is not None for p in f["path"]], progress=False)
+    test_specs = cache.load_many(dataset.test["path"], mmap=False)
+    test_truth = dataset.targets(dataset.test)
+    row = {}
+    training = [frames["curated"]]
+    for name in ("curated", "noisy"):
+        if name == "noisy":
+            if frames["noisy"] is None:
+                break
+            training.append(frames["noisy"])
+        train = pd.concat(training, ignore_index=True)
+        model = fit_logistic_baseline(cache.load_many(train["path"], mmap=False),
+                                      dataset.targets(train))
+        label = "curated" if name == "curated" else "curated_noisy"
+        row[f"logreg_{label}_test"] = lwlrap(test_truth, baseline_scores(model, test_specs))
+    return row
+
+
+def summarise(runs: pd.DataFrame) -> pd.DataFrame:
+    """Mean and spread of each comparison over seeds, and its paired difference to the full
+    pipeline with a paired t-test: with 3 seeds only large, consistent gaps are significant."""
+    reference = _by_seed(runs, REFERENCE)
+    rows = []
+    for comparison in COMPARISONS:
+        values = _by_seed(runs, comparison)
+        if values.empty:
+            continue
+        row = {"configuration": comparison.label, "seeds": len(values),
+               "mean": values.mean(), "std": values.std(ddof=1) if len(values) > 1 else np.nan,
+               "min": values.min(), "max": values.max()}
+        if comparison is not REFERENCE:
+            paired = pd.concat([values, reference], axis=1, join="inner").dropna()
+            diff = paired.iloc[:, 0] - paired.iloc[:, 1]
+            row["delta_vs_full"] = diff.mean()
+            row["delta_std"] = diff.std(ddof=1) if len(diff) > 1 else np.nan
+            row["p_value"] = (stats.ttest_rel(paired.iloc[:, 0], paired.iloc[:, 1]).pvalue
+                              if len(diff) > 1 and diff.std() > 0 else np.nan)
+            row["verdict"] = verdict(row["delta_vs_full"], row["p_value"])
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def verdict(delta: float, p_value: float, alpha: float = 0.05) -> str:
+    if pd.isna(p_value) or p_value >= alpha:
+        return "not significant"
+    return "better than full" if delta > 0 else "worse than full"
+
+
+def _by_seed(runs: pd.DataFrame, comparison: Comparison) -> pd.Series:
+    picked = runs[runs["ablation"] == comparison.ablation]
+    if comparison.column not in picked:
+        return pd.Series(dtype=float)
+    return picked.set_index("seed")[comparison.column].astype(float)
+
+
+def table2(runs: pd.DataFrame) -> pd.DataFrame:
+    """This project's Table 2 on the data: the full pipeline's models, mean +- std over seeds."""
+    full = runs[runs["ablation"] == "full"]
+    rows = []
+    for model in ("model1", "model2", "model3", "model4", "ensemble"):
+        row = {"model": model}
+        for split in ("noisy", "curated", "test"):
+            column = f"{model}_{split}"
+            if column in full and full[column].notna().any():
+                row[f"lwlrap_{split}"] = _mean_std(full[column])
+        rows.append(row)
+    return pd.DataFrame(rows).fillna("")
+
+
+def _mean_std(values: pd.Series) -> str:
+    values = values.dropna().astype(float)
+    spread = f" ± {values.std(ddof=1):.3f}" if len(values) > 1 else ""
+    return f"{values.mean():.3f}{spread}"
+
+
+def write_report(runs: pd.DataFrame, baseline: dict, out_dir: Path, command: str) -> list[Path]:
+    """ablations.md (+ CSV and figures) in `out_dir`; returns the files written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = summarise(runs)
+    floor = pd.DataFrame([{"configuration": f"logistic regression on clip statistics ({label})",
+                           "seeds": 1, "mean": value}
+                          for label, value in (("curated", baseline.get("logreg_curated_test")),
+                                               ("curated + noisy",
+                                                baseline.get("logreg_curated_noisy_test")))
+                          if value is not None])
+    files = {"runs": out_dir / "ablation_runs.csv", "summary": out_dir / "ablations.csv",
+             "figure": out_dir / "ablations.png", "markdown": out_dir / "ablations.md"}
+    runs.to_csv(files["runs"], index=False)
+    report = pd.concat([summary, floor], ignore_index=True)
+    report.to_csv(files["summary"], index=False)
+    figure = plot_ablations(report)
+    figure.savefig(files["figure"], dpi=110)
+    plt.close(figure)
+    seeds = ", ".join(str(s) for s in sorted(runs["seed"].unique()))
+    files["markdown"].write_text("\n".join([
+        "# Ablations on the demo data", "",
+        f"Reproduce with `{command}`. Test lwlrap over seeds {seeds}; `delta_vs_full` is the "
+        "mean paired difference to the full pipeline at the same seed, `p_value` a paired "
+        "t-test.", "",
+        report.to_markdown(index=False, floatfmt=".3f"), "",
+        "## Table 2 (full pipeline, mean ± std over seeds)", "",
+        table2(runs).to_markdown(index=False), "",
+        f"![ablations]({files['figure'].name})", "",
+    ]))
+    return [*files.values(), *_copy_figures(runs, out_dir)]
+
+
+def _copy_figures(runs: pd.DataFrame, out_dir: Path) -> list[Path]:
+    """Stage curves and per-class lwlrap of the first full run, for the README."""
+    full = runs[runs["ablation"] == "full"].sort_values("seed")
+    if full.empty:
+        return []
+    table = read_table(full["pipeline_run_id"].iloc[0], "report/stage_table.csv")
+    wanted = {f"curves_{row.stage}.png": (row.run_id, "curves.png")
+              for row in table.itertuples() if row.stage.startswith("stage")}
+    ensemble = table.loc[table["stage"] == "ensemble", "run_id"]
+    if len(ensemble):
+        wanted["per_class_lwlrap.png"] = (ensemble.iloc[0], "per_class_lwlrap.png")
+    copied = []
+    for name, (run_id, artifact) in wanted.items():
+        target = out_dir / name
+        target.write_bytes(download(run_id, artifact).read_bytes())
+        copied.append(target)
+    return copied
+
+
+def run_ablations(request: AblationRequest, out_dir: Path, command: str) -> pd.DataFrame:
+    """The whole sweep + baseline + report, with the report logged as one `ablations` run."""
+    configure_tracking()
+    data = request.data or ensure_demo_data(PipelineRequest(
+        data=None, profile=request.profile, archs=["cnn"], esc50=request.esc50))
+    runs = run_sweep(request, data)
+    baseline = baseline_row(data, request.profile, request.cache_dir)
+    files = write_report(runs, baseline, out_dir, command)
+    with mlflow.start_run(run_name="ablations"):
+        mlflow.set_tags({TAG_STAGE: "ablations",
+                         TAG_DATASET: dataset_fingerprint(load_dataset(data))})
+        mlflow.log_params({"ablations": ",".join(request.names),
+                           "seeds": ",".join(map(str, request.seeds)), **request.profile.flat()})
+        mlflow.log_metrics({key: value for key, value in baseline.items()})
+        for path in files:
+            mlflow.log_artifact(str(path), "report")
+    return summarise(runs)
