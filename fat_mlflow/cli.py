@@ -9,6 +9,7 @@ from pathlib import Path
 
 import click
 
+from fat_mlflow.benchmarks import BENCHMARK_PROFILES
 from fat_mlflow.config import PROFILES, Profile, get_profile, parse_overrides
 from fat_mlflow.demo import ESC50_ENV, default_esc50_dir
 
@@ -26,6 +27,11 @@ def profile_options(func):
     """--profile, --set and --seed, shared by every command that trains."""
     func = click.option("--seed", type=int, default=None,
                         help="Random seed (train.seed); same seed + profile = same run on CPU.")(func)
+    return settings_options(func)
+
+
+def settings_options(func):
+    """--profile and --set (commands that choose their seeds themselves take only these)."""
     func = click.option("--set", "overrides", multiple=True, metavar="SECTION.FIELD=VALUE",
                         help="Override config fields, e.g. --set train.epochs=3 "
                              "--set 'augment.specmix=false train.lr=0.001'. Repeatable.")(func)
@@ -133,19 +139,33 @@ def _stage_command(stage: str, summary: str):
     @click.option("--max-per-label-per-fold", type=int, default=5, show_default=True,
                   help="stage3: at most this many selected clips per label and fold.",
                   hidden=stage != "stage3")
+    @click.option("--folds", "fold_spec", default="all", show_default=True,
+                  metavar="all|none|0-4|0,2,5",
+                  help="A fold job: train only these folds into the run of --resume-run-id "
+                       "(or into a new run), then `fat-mlflow gather` completes it. 'none' "
+                       "only prepares the run; 'all' trains and completes the whole stage.")
     def command(data, profile, overrides, seed, cache_dir, init_run_id, resume_run_id,
-                bad_audio, selection_run_ids, threshold, max_per_label_per_fold):
-        from fat_mlflow.stages import StageRequest, run_stage
+                bad_audio, selection_run_ids, threshold, max_per_label_per_fold, fold_spec):
+        from fat_mlflow.stages import StageRequest, parse_folds, run_stage
 
+        chosen = _profile(profile, overrides, seed)
+        try:
+            folds = parse_folds(fold_spec, chosen.train.n_folds)
+        except ValueError as error:
+            raise click.BadParameter(str(error), param_hint="--folds") from error
         request = StageRequest(
-            stage=stage, data=data, profile=_profile(profile, overrides, seed),
+            stage=stage, data=data, profile=chosen,
             init_run_id=init_run_id or None, resume_run_id=resume_run_id or None,
             selection_run_ids=[r.strip() for r in selection_run_ids.split(",") if r.strip()],
             threshold=threshold, max_per_label_per_fold=max_per_label_per_fold,
-            cache_dir=cache_dir, bad_audio=bad_audio,
+            cache_dir=cache_dir, bad_audio=bad_audio, folds=folds,
         )
         run_id = run_stage(request)
         click.echo(f"{stage} run: {run_id}")
+        if folds is not None:
+            click.echo(f"folds trained by this job: {', '.join(map(str, folds)) or 'none'}; "
+                       f"train the others with --resume-run-id {run_id} --folds ..., then "
+                       f"complete the run with `fat-mlflow gather --run-id {run_id}`")
 
     return command
 
@@ -156,6 +176,20 @@ _stage_command("stage3", "Stage 3: curated + noisy clips that models 1 and 2 agr
                          "(geometric mean lwlrap >= threshold), warm-started from stage 2.")
 _stage_command("stage4", "Stage 4: curated + noisy clips model 3 ranks perfectly "
                          "(lwlrap == 1), warm-started from stage 3.")
+
+
+@main.command()
+@click.option("--run-id", required=True, help="The stage run whose folds the fold jobs trained.")
+@click.option("--data", default="", metavar="DIRECTORY",
+              help="Dataset root, when it is not where the run was prepared (its stage.data).")
+@cache_option
+def gather(run_id: str, data: str, cache_dir: Path | None) -> None:
+    """Complete a stage run trained by fold jobs (`stageN --folds ...`): out-of-fold tables,
+    lwlrap metrics, curves, fat.complete=true. Fails with the list of unfinished folds."""
+    from fat_mlflow.stages import gather_stage
+
+    gather_stage(run_id, Path(data) if data else None, cache_dir)
+    click.echo(f"gathered run: {run_id}")
 
 
 @main.command()
@@ -178,8 +212,11 @@ _stage_command("stage4", "Stage 4: curated + noisy clips model 3 ranks perfectly
 @click.option("--warm-start", type=bool, default=True, show_default=True,
               help="true: each stage starts from the previous stage's fold models (the "
                    "seed); false: every stage from scratch (the ablation).")
+@click.option("--fold-jobs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Train each stage's folds in this many parallel processes (one GPU each "
+                   "when several are visible, else a share of the CPU threads).")
 def pipeline(data, profile, overrides, seed, cache_dir, archs, esc50, registered_model,
-             threshold, max_per_label_per_fold, warm_start):
+             threshold, max_per_label_per_fold, warm_start, fold_jobs):
     """The whole warm-up pipeline: features, stages 1-4, ensemble (the `main` entry point).
 
     Without --data it builds (or reuses) the demo dataset in ./demo_data. Stages that
@@ -194,7 +231,7 @@ def pipeline(data, profile, overrides, seed, cache_dir, archs, esc50, registered
                               esc50=esc50 or default_esc50_dir(), cache_dir=cache_dir,
                               registered_model=registered_model, threshold=threshold,
                               max_per_label_per_fold=max_per_label_per_fold,
-                              warm_start=warm_start)
+                              warm_start=warm_start, fold_jobs=fold_jobs)
     parent_id, table = run_pipeline(request)
     columns = [c for c in ("model", "lwlrap_noisy", "lwlrap_curated", "lwlrap_test",
                            "selection_precision", "noisy_base_rate") if c in table]
@@ -289,3 +326,111 @@ def tag(files: tuple[Path, ...], model_uri: str, top_k: int) -> None:
     failed = int((scored[ERROR_COLUMN] != "").sum())
     if failed:
         raise click.ClickException(f"{failed} of {len(files)} file(s) could not be tagged")
+
+
+@main.command()
+@click.option("--data", default="", metavar="DIRECTORY",
+              help="Dataset root in the FAT2019 layout; empty = the demo data in ./demo_data.")
+@settings_options
+@cache_option
+@click.option("--seeds", default="0,1,2", show_default=True,
+              help="Comma-separated seeds; every ablation runs once per seed.")
+@click.option("--only", default="", metavar="NAME[,NAME]",
+              help="Ablations to run (default all): full, no_specmix, specmix_no_mixup, "
+                   "no_mixing, no_warm_start.")
+@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Pipelines trained in parallel processes (the CPU threads are split).")
+@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("docs/results"), show_default=True,
+              help="Where ablations.md, the CSVs and the figures are written.")
+@click.option("--esc50", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="ESC-50 folder for the demo data when --data is not given.")
+def ablations(data, profile, overrides, cache_dir, seeds, only, jobs, out_dir, esc50):
+    """Quality ablations (SpecMix, mixup, warm start, single fold) over several seeds.
+
+    Each ablation at each seed is a whole pipeline run in the tracking store, reused when
+    it already finished; the report (mean, std, paired difference to the full pipeline,
+    logistic-regression floor) goes to OUT_DIR and to an `ablations` run.
+    """
+    import shlex
+    import sys
+
+    from fat_mlflow.ablations import ABLATIONS, AblationRequest, run_ablations
+
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError as error:
+        raise click.BadParameter(f"{seeds!r} is not a comma-separated list of integers",
+                                 param_hint="--seeds") from error
+    names = [n.strip() for n in only.split(",") if n.strip()] or list(ABLATIONS)
+    try:
+        request = AblationRequest(profile=_profile(profile, overrides, None), seeds=seed_list,
+                                  esc50=esc50 or default_esc50_dir(),
+                                  data=Path(data) if data else None, names=names,
+                                  cache_dir=cache_dir, jobs=jobs)
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="--only/--seeds") from error
+    command = "fat-mlflow " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    summary = run_ablations(request, out_dir, command)
+    click.echo(summary.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    click.echo(f"report: {out_dir / 'ablations.md'}")
+
+# --- benchmarks (fat_mlflow.benchmarks.report) ---
+
+
+@main.command()
+@click.option("--only", default="features,training,inference", show_default=True,
+              help="Comma-separated benchmarks to run.")
+@click.option("--profile", "size", type=click.Choice(list(BENCHMARK_PROFILES)),
+              default="standard", show_default=True,
+              help="Benchmark size: 'tiny' = seconds (tests), 'standard' = a few minutes on "
+                   "2 cores, 'full' = steadier figures.")
+@click.option("--repeats", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Timed passes per figure, median reported (0 = the profile's).")
+@click.option("--data", default="", metavar="DIRECTORY",
+              help="FAT2019-layout dataset whose clips are measured (and whose cached "
+                   "log-mels feed the training benchmark); empty = ESC-50 clips.")
+@click.option("--esc50", default="", metavar="DIRECTORY",
+              help=f"ESC-50 folder when --data is empty (default ${ESC50_ENV} or "
+                   "../shared/data/esc50).")
+@click.option("--model-uri", default="", metavar="URI",
+              help="Tagger to measure (e.g. models:/fat2019-tagger@champion); empty = an "
+                   "untrained ensemble in the quick pipeline's shape.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              default=Path("benchmarks.md"), show_default=True,
+              help="Markdown file of the tables (also logged as the run's artifact).")
+def benchmark(only: str, size: str, repeats: int, data: str, esc50: str, model_uri: str,
+              out: Path) -> None:
+    """Speed benchmarks, each against a baseline measured in the same run: features (cache vs a
+    librosa loop), training (samples/s vs the matmul peak), inference (ensemble vs one fold
+    model). Each result is an MLflow run; the tables go to --out."""
+    from fat_mlflow.benchmarks.report import BenchmarkRequest, run_benchmarks
+
+    try:
+        request = BenchmarkRequest(
+            only=tuple(name.strip() for name in only.split(",") if name.strip()),
+            profile=BENCHMARK_PROFILES[size], repeats=repeats,
+            data=Path(data) if data else None, esc50=Path(esc50) if esc50 else None,
+            model_uri=model_uri or None, out=out)
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="--only") from error
+    run_id, text = run_benchmarks(request)
+    click.echo(text)
+    click.echo(f"benchmark run: {run_id}; tables written to {out}")
+
+
+@main.command()
+@settings_options
+@click.option("--seeds", default="0,1,2", show_default=True, help="Seeds of the ablations.")
+@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Ablation pipelines trained in parallel processes.")
+@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("docs/results"), show_default=True,
+              help="Where every table and figure is written.")
+@click.pass_context
+def results(ctx: click.Context, profile, overrides, seeds, jobs, out_dir) -> None:
+    """Every table of the README's results in one command: the speed benchmarks, then the
+    ablations on the demo data (finished runs in the tracking store are reused)."""
+    ctx.invoke(benchmark, out=out_dir / "benchmarks.md")
+    ctx.invoke(ablations, profile=profile, overrides=overrides, seeds=seeds, jobs=jobs,
+               out_dir=out_dir)

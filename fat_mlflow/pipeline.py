@@ -2,18 +2,32 @@
 
 Re-running with the same parameters reuses every stage that already finished (found in the
 tracking store by a hash of its inputs) and resumes one that was interrupted, in the spirit
-of MLflow's multistep-workflow example.
+of MLflow's multistep-workflow example. With `fold_jobs` > 1 each stage's folds are trained
+by that many `fat-mlflow STAGE --folds ...` processes at once (one GPU each when several are
+visible) and then gathered into the stage run.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, replace
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import click
 import mlflow
+import numpy as np
 import pandas as pd
+import torch
+from mlflow.environment_variables import (
+    MLFLOW_EXPERIMENT_ID,
+    MLFLOW_RUN_ID,
+    MLFLOW_TRACKING_URI,
+)
 from mlflow.tracking import MlflowClient
 
 from fat_mlflow.config import Profile
@@ -21,18 +35,26 @@ from fat_mlflow.data import dataset_fingerprint, load_dataset
 from fat_mlflow.demo import build_demo_dataset
 from fat_mlflow.featurize import run_features
 from fat_mlflow.plots import plot_stage_table
-from fat_mlflow.stages import StageRequest, run_stage
+from fat_mlflow.stages import StageRequest, format_folds, gather_stage, run_stage
 from fat_mlflow.tracking import (
     TAG_COMPLETE,
     TAG_DATASET,
     TAG_PIPELINE,
     TAG_STAGE,
     configure_tracking,
+    get_run,
     log_table,
 )
 
 TAG_INPUTS = "fat.inputs_hash"
 DEMO_MARKER = "sample_submission.csv"
+LOG_TAIL_CHARS = 3000
+# `fat-mlflow` run by this very interpreter: the console script may not be on the PATH
+JOB_ENTRY = "from fat_mlflow.cli import main; main(prog_name='fat-mlflow')"
+
+
+class FoldJobError(RuntimeError):
+    """A fold job process failed; the message carries the end of its output."""
 
 
 @dataclass
@@ -48,6 +70,8 @@ class PipelineRequest:
     warm_start: bool = True  # False: every stage from scratch (the ablation)
     cache_dir: Path | None = None
     progress: bool = True
+    tags: dict[str, str] = field(default_factory=dict)  # extra tags of the parent run
+    fold_jobs: int = 1  # > 1: parallel fold-job processes per stage (1: in this process)
 
 
 def inputs_hash(request: StageRequest) -> str:
@@ -74,7 +98,7 @@ def find_previous_run(stage_hash: str, fingerprint: str) -> tuple[str | None, bo
     return (runs[0].info.run_id, False) if runs else (None, False)
 
 
-def run_or_reuse(request: StageRequest, fingerprint: str) -> str:
+def run_or_reuse(request: StageRequest, fingerprint: str, fold_jobs: int = 1) -> str:
     stage_hash = inputs_hash(request)
     previous, finished = find_previous_run(stage_hash, fingerprint)
     if finished:
@@ -83,9 +107,93 @@ def run_or_reuse(request: StageRequest, fingerprint: str) -> str:
     if previous:
         click.echo(f"{request.stage}: resuming interrupted run {previous}")
         request = replace(request, resume_run_id=previous)
-    run_id = run_stage(request)
-    MlflowClient().set_tag(run_id, TAG_INPUTS, stage_hash)
-    return run_id
+    # tagged when the run starts, so a run killed half-way is found and resumed next time
+    request = replace(request, tags={**request.tags, TAG_INPUTS: stage_hash})
+    if fold_jobs <= 1:
+        return run_stage(request)
+    run_id = run_stage(replace(request, folds=[]))  # prepare (or check) the stage run
+    run_fold_jobs(replace(request, resume_run_id=run_id), fold_jobs)
+    return gather_stage(run_id, request.data, request.cache_dir, request.progress)
+
+
+def fold_job_command(request: StageRequest, folds: list[int]) -> list[str]:
+    """The `fat-mlflow STAGE` call that trains `folds` into the stage run, every setting
+    spelled out (the job checks them against the run)."""
+    command = [sys.executable, "-c", JOB_ENTRY, request.stage, "--data", str(request.data),
+               "--profile", request.profile.name, "--resume-run-id", str(request.resume_run_id),
+               "--folds", format_folds(folds),
+               "--bad-audio", request.bad_audio, "--threshold", str(request.threshold),
+               "--max-per-label-per-fold", str(request.max_per_label_per_fold)]
+    for key, value in request.profile.flat().items():
+        if key != "profile":
+            command += ["--set", f"{key}={value}"]
+    if request.init_run_id:
+        command += ["--init-run-id", request.init_run_id]
+    if request.selection_run_ids:
+        command += ["--selection-run-ids", ",".join(request.selection_run_ids)]
+    if request.cache_dir:
+        command += ["--cache-dir", str(request.cache_dir)]
+    return command
+
+
+def visible_gpus(device: str) -> list[str]:
+    """CUDA_VISIBLE_DEVICES entries of the GPUs this process may hand out to jobs."""
+    if device not in ("auto", "cuda") or not torch.cuda.is_available():
+        return []
+    count = torch.cuda.device_count()
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return listed.split(",")[:count] if listed else [str(i) for i in range(count)]
+
+
+def fold_job_environments(n_jobs: int, gpus: list[str], experiment_id: str) -> list[dict[str, str]]:
+    """Each job's environment: this tracking store and the stage run's experiment, never this
+    process's run (`mlflow run` exports MLFLOW_RUN_ID, which a job would take as its own),
+    an equal share of the CPU threads and, when there are several GPUs, one of them."""
+    base = {key: value for key, value in os.environ.items() if key != MLFLOW_RUN_ID.name}
+    base.update({MLFLOW_TRACKING_URI.name: mlflow.get_tracking_uri(),
+                 MLFLOW_EXPERIMENT_ID.name: experiment_id,
+                 "OMP_NUM_THREADS": str(max(1, torch.get_num_threads() // n_jobs))})
+    if len(gpus) < 2:
+        return [dict(base) for _ in range(n_jobs)]
+    return [{**base, "CUDA_VISIBLE_DEVICES": gpus[job % len(gpus)]} for job in range(n_jobs)]
+
+
+def run_fold_jobs(request: StageRequest, n_jobs: int) -> None:
+    """Train the folds of the stage run `request.resume_run_id` in `n_jobs` parallel
+    processes (contiguous blocks of folds; finished folds are skipped) and wait for all."""
+    cfg = request.profile.train
+    blocks = [[int(fold) for fold in block]
+              for block in np.array_split(np.arange(cfg.n_folds), min(n_jobs, cfg.n_folds))]
+    environments = fold_job_environments(len(blocks), visible_gpus(cfg.device),
+                                         get_run(request.resume_run_id).info.experiment_id)
+    logs = Path(tempfile.mkdtemp(prefix=f"fat-mlflow-{request.stage}-jobs-"))
+    jobs: list[tuple[str, Path, subprocess.Popen]] = []
+    try:
+        for folds, env in zip(blocks, environments):
+            spec = format_folds(folds)
+            log = logs / f"folds-{spec}.log"
+            with log.open("w") as sink:
+                jobs.append((spec, log, subprocess.Popen(fold_job_command(request, folds),
+                                                         env=env, stdout=sink,
+                                                         stderr=subprocess.STDOUT)))
+        click.echo(f"{request.stage}: {len(jobs)} fold jobs (folds "
+                   f"{' | '.join(spec for spec, _, _ in jobs)}) for run {request.resume_run_id}")
+        failures = []
+        for spec, log, process in jobs:
+            if process.wait() != 0:
+                failures.append(f"folds {spec} exited with {process.returncode} (log {log}):\n"
+                                f"{log.read_text()[-LOG_TAIL_CHARS:]}")
+    finally:
+        for _, _, process in jobs:
+            if process.poll() is None:  # this process was interrupted: stop its jobs too
+                process.terminate()
+                process.wait()
+    if failures:
+        raise FoldJobError(
+            f"{request.stage}: {len(failures)} of {len(jobs)} fold job(s) failed; run "
+            f"{request.resume_run_id} keeps the folds that finished and a rerun resumes it.\n"
+            + "\n".join(failures))
+    shutil.rmtree(logs)
 
 
 def ensure_demo_data(request: PipelineRequest) -> Path:
@@ -106,17 +214,18 @@ def run_arch_chain(request: PipelineRequest, data: Path, arch: str, parent: str,
     def init(stage: str) -> str | None:
         return runs[stage] if request.warm_start else None
 
-    runs["stage1"] = run_or_reuse(StageRequest(stage="stage1", **base), fingerprint)
-    runs["stage2"] = run_or_reuse(StageRequest(stage="stage2", init_run_id=init("stage1"), **base),
-                                  fingerprint)
-    runs["stage3"] = run_or_reuse(StageRequest(stage="stage3", init_run_id=init("stage2"),
-                                               selection_run_ids=[runs["stage1"], runs["stage2"]],
-                                               threshold=request.threshold,
-                                               max_per_label_per_fold=request.max_per_label_per_fold,
-                                               **base), fingerprint)
-    runs["stage4"] = run_or_reuse(StageRequest(stage="stage4", init_run_id=init("stage3"),
-                                               selection_run_ids=[runs["stage3"]], **base),
-                                  fingerprint)
+    def run(stage_request: StageRequest) -> str:
+        return run_or_reuse(stage_request, fingerprint, request.fold_jobs)
+
+    runs["stage1"] = run(StageRequest(stage="stage1", **base))
+    runs["stage2"] = run(StageRequest(stage="stage2", init_run_id=init("stage1"), **base))
+    runs["stage3"] = run(StageRequest(stage="stage3", init_run_id=init("stage2"),
+                                      selection_run_ids=[runs["stage1"], runs["stage2"]],
+                                      threshold=request.threshold,
+                                      max_per_label_per_fold=request.max_per_label_per_fold,
+                                      **base))
+    runs["stage4"] = run(StageRequest(stage="stage4", init_run_id=init("stage3"),
+                                      selection_run_ids=[runs["stage3"]], **base))
     return runs
 
 
@@ -142,12 +251,13 @@ def run_pipeline(request: PipelineRequest) -> tuple[str, pd.DataFrame]:
     fingerprint = dataset_fingerprint(load_dataset(data))
     with mlflow.start_run(run_name=f"pipeline-{request.profile.name}") as parent:
         parent_id = parent.info.run_id
-        mlflow.set_tags({TAG_STAGE: "pipeline", TAG_DATASET: fingerprint})
+        mlflow.set_tags({TAG_STAGE: "pipeline", TAG_DATASET: fingerprint, **request.tags})
         # "pipeline." keys: `mlflow run` already logged the raw entry-point parameters
         mlflow.log_params({"pipeline.data": str(data), "pipeline.archs": ",".join(request.archs),
                            "pipeline.threshold": request.threshold,
                            "pipeline.max_per_label_per_fold": request.max_per_label_per_fold,
                            "pipeline.warm_start": request.warm_start,
+                           "pipeline.fold_jobs": request.fold_jobs,
                            **request.profile.flat()})
         run_features(data, request.profile.features, request.cache_dir, jobs=0,
                      progress=request.progress)

@@ -2,6 +2,12 @@
 
 Every stage is the same engine with three choices: which clips it trains on, which run it
 warm-starts from, and (stages 3 and 4) which earlier runs select its noisy clips.
+
+A stage run is made in three steps: prepare (validate the sources, log the inputs), train
+the folds, gather (out-of-fold tables, metrics, curves, `fat.complete`). `run_stage` does all
+three in one process; with `StageRequest.folds` it is one *fold job* that trains only some
+folds, in a child run of the stage run, so that several jobs can share a stage and
+`gather_stage` completes it once every fold exists.
 """
 from __future__ import annotations
 
@@ -11,9 +17,12 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pandas as pd
+import torch
+from mlflow.entities import Run
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from fat_mlflow.config import Profile
-from fat_mlflow.crossval import ClipSet, CrossValResult, run_cross_validation
+from fat_mlflow.config import Profile, get_profile
+from fat_mlflow.crossval import ClipSet, CrossValResult, assemble, run_cross_validation
 from fat_mlflow.data import FatDataset, dataset_fingerprint, load_dataset
 from fat_mlflow.features import FeatureCache
 from fat_mlflow.folds import assign_folds, folds_for
@@ -40,12 +49,18 @@ from fat_mlflow.tracking import (
     configure_tracking,
     fold_histories,
     fold_model_path,
+    get_run,
     log_table,
     read_table,
 )
+from fat_mlflow.training import resolve_device
 
 STAGES = ("stage1", "stage2", "stage3", "stage4")
 WARM_START_FROM = {"stage2": "stage1", "stage3": "stage2", "stage4": "stage3"}
+FOLD_JOB = "fold-job"  # the fat.stage tag of a fold job's child run
+# Settings that say where and how fast a stage trains, not what: jobs of one stage may differ.
+RUNTIME_PARAMS = frozenset({"stage.data", "train.device", "train.num_threads"})
+PROFILE_SECTIONS = ("features", "augment", "train")
 
 
 class BadAudioError(ValueError):
@@ -77,6 +92,45 @@ class StageRequest:
     bad_audio: str = "stop"  # or "skip"
     pipeline_run_id: str | None = None
     progress: bool = True
+    folds: list[int] | None = None  # None: the whole stage; else a fold job ([] = prepare only)
+    tags: dict[str, str] = field(default_factory=dict)  # extra tags, set when the run starts
+
+
+def parse_folds(spec: str, n_folds: int) -> list[int] | None:
+    """`--folds` text -> fold numbers: "all" (None: the whole stage), "none" ([]: only
+    prepare the stage run), or numbers and ranges such as "0-4", "0,2,5", "0-2,7"."""
+    text = spec.strip().lower()
+    if text == "all":
+        return None
+    if text == "none":
+        return []
+    folds: set[int] = set()
+    for part in text.split(","):
+        first, dash, last = part.strip().partition("-")
+        try:
+            low, high = int(first), int(last if dash else first)
+        except ValueError:
+            raise ValueError(f"folds {spec!r}: {part.strip()!r} is not a fold number or a range "
+                             "like 0-4 (or use 'all' / 'none')") from None
+        if low > high:
+            raise ValueError(f"folds {spec!r}: the range {part.strip()} runs backwards")
+        outside = [fold for fold in (low, high) if not 0 <= fold < n_folds]
+        if outside:
+            raise ValueError(f"folds {spec!r}: fold {outside[0]} does not exist; this profile "
+                             f"has {n_folds} folds, numbered 0-{n_folds - 1}")
+        folds.update(range(low, high + 1))
+    return sorted(folds)
+
+
+def format_folds(folds: list[int]) -> str:
+    """The shortest `--folds` text for a list of folds: [0, 1, 2, 5] -> "0-2,5"."""
+    parts: list[str] = []
+    for fold in sorted(folds):
+        if parts and fold == int(parts[-1].rpartition("-")[2]) + 1:
+            parts[-1] = f"{parts[-1].partition('-')[0]}-{fold}"
+        else:
+            parts.append(str(fold))
+    return ",".join(parts) or "none"
 
 
 @dataclass
@@ -148,8 +202,21 @@ def check_sources(request: StageRequest, fingerprint: str) -> None:
                                  f"{init_run.data.tags.get(TAG_ARCH)}, this stage trains {arch}: "
                                  "warm start needs the same network")
     if request.resume_run_id:
-        check_source_run(request.resume_run_id, (request.stage,), fingerprint,
-                         need_complete=False)
+        run = check_source_run(request.resume_run_id, (request.stage,), fingerprint,
+                               need_complete=False)
+        _check_same_inputs(request, run)
+
+
+def _check_same_inputs(request: StageRequest, run: Run) -> None:
+    """A resumed or joined run must be trained with the settings it was started with."""
+    differences = [f"{key}: the run has {run.data.params.get(key)!r}, this one {str(value)!r}"
+                   for key, value in _input_params(request).items()
+                   if key not in RUNTIME_PARAMS and run.data.params.get(key) != str(value)]
+    if differences:
+        raise RunLookupError(
+            f"run {run.info.run_id} was started with other settings, and its folds must all "
+            "be trained alike; use its settings (see its parameters):\n  "
+            + "\n  ".join(differences))
 
 
 def select_noisy(request: StageRequest, data: StageData) -> pd.DataFrame | None:
@@ -194,48 +261,139 @@ def _start_run(request: StageRequest) -> mlflow.ActiveRun:
     )
 
 
-def run_stage(request: StageRequest) -> str:
-    """Train (or resume) one stage run end to end; returns its run ID."""
+def _load(request: StageRequest) -> tuple[StageData, pd.DataFrame]:
+    """Validate the request and its source runs, then load features and folds."""
     if request.stage not in STAGES:
         raise ValueError(f"unknown stage {request.stage!r}; one of {', '.join(STAGES)}")
     configure_tracking()
-    profile, cfg = request.profile, request.profile.train
     dataset = load_dataset(request.data)
     check_sources(request, dataset_fingerprint(dataset))
-    data, folds = load_stage_data(request, dataset, _source_folds(request))
-    vocabulary = dataset.vocabulary
+    return load_stage_data(request, dataset, _source_folds(request))
+
+
+def run_stage(request: StageRequest) -> str:
+    """Train (or resume) one stage run end to end; returns its run ID.
+
+    With `request.folds` it is a fold job instead: it joins the stage run
+    `request.resume_run_id` (or prepares a new one), trains only those folds in a child run
+    of it and leaves the completion to `gather_stage`.
+    """
+    data, folds = _load(request)
     selection = select_noisy(request, data)
+    if request.folds is not None and request.resume_run_id:  # a job joining its stage run
+        if request.folds:
+            _fold_job(request, data, selection, request.resume_run_id)
+        return request.resume_run_id
     with _start_run(request) as run:
         run_id = run.info.run_id
         if not request.resume_run_id:
             _log_inputs(request, data, folds, selection)
-
-        def make_model(fold: int):
-            if request.init_run_id:
-                return load_checkpoint(fold_model_path(request.init_run_id, fold))
-            return build_model(cfg.arch, len(vocabulary), cfg.width)
-
-        store = MlflowFoldStore(run_id, cfg.arch, cfg.width, len(vocabulary))
-        result = run_cross_validation(data.sets, training_masks(request.stage, data, selection),
-                                      data.test, vocabulary, profile, make_model, store,
-                                      progress=request.progress)
-        _log_outputs(result, data, vocabulary, cfg.n_folds)
-        mlflow.set_tag(TAG_COMPLETE, "true")
+        if request.folds is None:
+            _complete(_train_folds(request, data, selection, run_id), data,
+                      request.profile.train.n_folds)
+        elif request.folds:
+            _fold_job(request, data, selection, run_id)
     return run_id
+
+
+def _train_folds(request: StageRequest, data: StageData, selection: pd.DataFrame | None,
+                 run_id: str, only_folds: list[int] | None = None) -> CrossValResult:
+    """Train the stage's unfinished folds (or only `only_folds`) into the stage run."""
+    cfg = request.profile.train
+    vocabulary = data.dataset.vocabulary
+
+    def make_model(fold: int):
+        if request.init_run_id:
+            return load_checkpoint(fold_model_path(request.init_run_id, fold))
+        return build_model(cfg.arch, len(vocabulary), cfg.width)
+
+    store = MlflowFoldStore(run_id, cfg.arch, cfg.width, len(vocabulary))
+    return run_cross_validation(data.sets, training_masks(request.stage, data, selection),
+                                data.test, vocabulary, request.profile, make_model, store,
+                                progress=request.progress, only_folds=only_folds)
+
+
+def _fold_job(request: StageRequest, data: StageData, selection: pd.DataFrame | None,
+              stage_run_id: str) -> None:
+    """Train `request.folds` into the stage run, recorded as a child run of it.
+
+    The folds' models, scores and curves go to the stage run itself; the child run tells
+    which job trained which folds on which device, and whether the job finished. The parent
+    is also given as a tag because under `mlflow run` the child is the run that `mlflow run`
+    created, which start_run resumes without nesting it.
+    """
+    spec = format_folds(request.folds)
+    cfg = request.profile.train
+    with mlflow.start_run(run_name=f"{request.stage}-folds-{spec}", parent_run_id=stage_run_id,
+                          experiment_id=get_run(stage_run_id).info.experiment_id,
+                          nested=mlflow.active_run() is not None,
+                          tags={TAG_STAGE: FOLD_JOB, MLFLOW_PARENT_RUN_ID: stage_run_id}):
+        mlflow.log_params({"fold_job.folds": spec,
+                           "fold_job.device": str(resolve_device(cfg.device)),
+                           "fold_job.num_threads": cfg.num_threads or torch.get_num_threads()})
+        _train_folds(request, data, selection, stage_run_id, request.folds)
+
+
+def _complete(result: CrossValResult, data: StageData, n_folds: int) -> None:
+    _log_outputs(result, data, data.dataset.vocabulary, n_folds)
+    mlflow.set_tag(TAG_COMPLETE, "true")
+
+
+def gather_stage(run_id: str, data: Path | None = None, cache_dir: Path | None = None,
+                 progress: bool = True) -> str:
+    """Complete a stage run whose folds were trained by fold jobs; returns its run ID.
+
+    Everything comes from the run itself (stage, settings, dataset path from its parameters,
+    folds from its artifacts); `data` only replaces the dataset path when the jobs ran on
+    another machine.
+    """
+    configure_tracking()
+    request = _request_from_run(get_run(run_id), data, cache_dir, progress)
+    stage_data, _ = _load(request)
+    cfg = request.profile.train
+    vocabulary = stage_data.dataset.vocabulary
+    results = MlflowFoldStore(run_id, cfg.arch, cfg.width, len(vocabulary)).finished_folds()
+    missing = [fold for fold in range(cfg.n_folds) if fold not in results]
+    if missing:
+        raise RunLookupError(
+            f"run {run_id} ({request.stage}) cannot be gathered: fold(s) "
+            f"{', '.join(map(str, missing))} of {cfg.n_folds} are not finished (finished: "
+            f"{', '.join(map(str, sorted(results))) or 'none'}); train them with "
+            f"`fat-mlflow {request.stage} --resume-run-id {run_id} --folds "
+            f"{format_folds(missing)} ...` (or wait for the job that runs them)")
+    with _start_run(request):
+        _complete(assemble(stage_data.sets, results, vocabulary, stage_data.test), stage_data,
+                  cfg.n_folds)
+    return run_id
+
+
+def _request_from_run(run: Run, data: Path | None, cache_dir: Path | None,
+                      progress: bool) -> StageRequest:
+    """The request a stage run was prepared with, read back from its tags and parameters."""
+    tags, params = run.data.tags, run.data.params
+    if tags.get(TAG_STAGE) not in STAGES or "stage.data" not in params:
+        raise RunLookupError(f"run {run.info.run_id} is a "
+                             f"{tags.get(TAG_STAGE) or 'non-fat-mlflow'} run; only a prepared "
+                             "stage run (stage1-4) can be gathered")
+    overrides = {key: value for key, value in params.items()
+                 if key.partition(".")[0] in PROFILE_SECTIONS}
+    return StageRequest(
+        stage=tags[TAG_STAGE], data=Path(data or params["stage.data"]),
+        profile=get_profile(params["profile"], overrides),
+        init_run_id=params["stage.init_run_id"] or None,
+        selection_run_ids=[r for r in params["stage.selection_run_ids"].split(",") if r],
+        resume_run_id=run.info.run_id, threshold=float(params["stage.threshold"]),
+        max_per_label_per_fold=int(params["stage.max_per_label_per_fold"]),
+        cache_dir=cache_dir, bad_audio=params["stage.bad_audio"], progress=progress)
 
 
 def _log_inputs(request: StageRequest, data: StageData, folds: pd.DataFrame,
                 selection: pd.DataFrame | None) -> None:
     mlflow.set_tags({TAG_STAGE: request.stage, TAG_DATASET: data.fingerprint,
                      TAG_ARCH: request.profile.train.arch, TAG_COMPLETE: "false",
-                     **({TAG_PIPELINE: request.pipeline_run_id} if request.pipeline_run_id else {})})
-    # "stage." keys: `mlflow run` already logged the raw entry-point parameters by name
-    mlflow.log_params({**request.profile.flat(), "stage.data": str(request.data),
-                       "stage.init_run_id": request.init_run_id or "",
-                       "stage.selection_run_ids": ",".join(request.selection_run_ids),
-                       "stage.threshold": request.threshold,
-                       "stage.max_per_label_per_fold": request.max_per_label_per_fold,
-                       "stage.bad_audio": request.bad_audio})
+                     **({TAG_PIPELINE: request.pipeline_run_id} if request.pipeline_run_id else {}),
+                     **request.tags})
+    mlflow.log_params(_input_params(request))
     log_table(folds, FOLDS_ARTIFACT)
     mlflow.log_dict(request.profile.flat(), PROFILE_ARTIFACT)
     mlflow.log_dict(data.dataset.vocabulary, VOCABULARY_ARTIFACT)
@@ -244,6 +402,17 @@ def _log_inputs(request: StageRequest, data: StageData, folds: pd.DataFrame,
                   "bad_audio.csv")
     if selection is not None:
         _log_selection(selection, data)
+
+
+def _input_params(request: StageRequest) -> dict:
+    """The stage run's parameters: everything that decides what its folds learn."""
+    # "stage." keys: `mlflow run` already logged the raw entry-point parameters by name
+    return {**request.profile.flat(), "stage.data": str(request.data),
+            "stage.init_run_id": request.init_run_id or "",
+            "stage.selection_run_ids": ",".join(request.selection_run_ids),
+            "stage.threshold": request.threshold,
+            "stage.max_per_label_per_fold": request.max_per_label_per_fold,
+            "stage.bad_audio": request.bad_audio}
 
 
 def _log_selection(selection: pd.DataFrame, data: StageData) -> None:
