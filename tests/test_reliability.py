@@ -29,8 +29,10 @@ from mlflow.tracking import MlflowClient
 from fat_mlflow.audio import load_audio
 from fat_mlflow.cli import main
 from fat_mlflow.config import FeatureConfig, get_profile
+from fat_mlflow.data import dataset_fingerprint, load_dataset
 from fat_mlflow.features import FeatureCache
 from fat_mlflow.featurize import run_features
+from fat_mlflow.pipeline import run_or_reuse
 from fat_mlflow.stages import BadAudioError, StageRequest, run_stage
 from fat_mlflow.tracking import MlflowFoldStore
 
@@ -313,6 +315,29 @@ def test_killed_stage_resumes_at_its_fold_and_equals_the_uninterrupted_run(
     expected = run_tables(concurrent.folders[seed])
     for name, table in run_tables(folder).items():
         pd.testing.assert_frame_equal(table, expected[name], check_exact=True, obj=name)
+
+
+def test_killed_pipeline_resumes_its_interrupted_stage_run(small_data, concurrent, tracking,
+                                                          tmp_path):
+    """`main` finds a stage run that was killed half-way (it is tagged with its inputs when
+    it starts) and continues it at its first unfinished fold instead of starting over."""
+    args = ["pipeline", "--profile", "tiny", "--set", "train.epochs=1", "--data", str(small_data),
+            "--cache-dir", str(concurrent.cache_dir)]
+    child = Child.start(args, tmp_path, tracking)
+    fold0 = "mlruns/*/*/artifacts/folds/fold_0/scores.npz"
+    wait_for(lambda: any(tmp_path.glob(fold0)), child)
+    time.sleep(0.3)
+    assert child.kill(signal.SIGKILL) == -signal.SIGKILL
+    folder = next(tmp_path.glob(fold0)).parents[2]
+    stamps = {p: p.stat().st_mtime_ns for p in folder.glob("folds/fold_0/*")}
+    request = StageRequest(stage="stage1", data=small_data,
+                           profile=get_profile("tiny", {"train.epochs": "1"}),
+                           cache_dir=concurrent.cache_dir, progress=False)
+    with mlflow.start_run():
+        run_id = run_or_reuse(request, dataset_fingerprint(load_dataset(small_data)))
+    assert run_id == folder.parent.name
+    assert stamps == {p: p.stat().st_mtime_ns for p in stamps}  # fold 0 was not retrained
+    assert MlflowClient().get_run(run_id).data.tags["fat.complete"] == "true"
 
 
 def test_killed_feature_run_leaves_only_whole_entries_and_is_reused(small_data, tracking,
