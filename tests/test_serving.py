@@ -7,11 +7,6 @@ from __future__ import annotations
 
 import base64
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import mlflow
@@ -21,6 +16,7 @@ import pytest
 import requests
 from click.testing import CliRunner
 
+from fat_mlflow.benchmarks.serving import served
 from fat_mlflow.cli import main
 from fat_mlflow.config import get_profile
 from fat_mlflow.data import load_dataset
@@ -51,45 +47,13 @@ def registered(demo_data, tmp_path_factory, isolated_store) -> str:
         yield uri
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(registered, tmp_path_factory) -> str:
     """`mlflow models serve` of the champion in its own process group; always terminated."""
-    port = _free_port()
-    log = (tmp_path_factory.mktemp("server") / "server.log").open("wb")
-    env = {**os.environ, "MLFLOW_TRACKING_URI": registered}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "models", "serve", "-m", URI, "--env-manager", "local",
-         "-p", str(port), "--host", "127.0.0.1", "--workers", "1"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                pytest.fail(f"server exited with {process.returncode}: "
-                            f"{Path(log.name).read_text()[-3000:]}")
-            try:
-                if requests.get(f"{url}/ping", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                time.sleep(0.5)
-        else:
-            pytest.fail(f"server not up after {START_TIMEOUT_S} s: {Path(log.name).read_text()[-3000:]}")
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    with served(URI, env={**os.environ, "MLFLOW_TRACKING_URI": registered}, log_path=log,
+                timeout_s=START_TIMEOUT_S) as url:
         yield url
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        log.close()
 
 
 @pytest.fixture(scope="module")

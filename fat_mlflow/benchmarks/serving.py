@@ -145,29 +145,43 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def served(model_uri: str) -> Iterator[str]:
+def served(model_uri: str, env: dict[str, str] | None = None, log_path: Path | None = None,
+           timeout_s: float = 120) -> Iterator[str]:
     """`mlflow models serve` in its own process group while the block runs; yields its URL
-    once /ping answers."""
+    once /ping answers. A server that exits or stays silent raises with its log's tail."""
     port = _free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager",
-         "local", "-p", str(port), "--host", "127.0.0.1", "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    try:
-        while time.monotonic() < deadline and process.poll() is None:
+    with contextlib.ExitStack() as stack:
+        log = stack.enter_context(log_path.open("wb")) if log_path else subprocess.DEVNULL
+        process = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri,
+             "--env-manager", "local", "-p", str(port), "--host", "127.0.0.1", "--workers", "1"],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            _wait_for_ping(url, process, timeout_s, model_uri, log_path)
+            yield url
+        finally:
+            os.killpg(process.pid, signal.SIGTERM)
             try:
-                if requests.get(f"{url}/ping", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                time.sleep(0.5)
-        else:
-            raise RuntimeError(f"the server for {model_uri} did not start within 120 s")
-        yield url
-    finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=30)
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=15)
+
+
+def _wait_for_ping(url: str, process: subprocess.Popen, timeout_s: float, model_uri: str,
+                   log_path: Path | None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while process.poll() is None and time.monotonic() < deadline:
+        try:
+            if requests.get(f"{url}/ping", timeout=2).status_code == 200:
+                return
+        except requests.ConnectionError:
+            time.sleep(0.5)
+    state = (f"exited with {process.returncode}" if process.poll() is not None
+             else f"did not answer within {timeout_s:.0f} s")
+    tail = log_path.read_text(errors="replace")[-3000:] if log_path else ""
+    raise RuntimeError(f"the server for {model_uri} {state}\n{tail}")
 
 
 def http_predict(url: str) -> Callable[[list[str]], object]:
