@@ -296,12 +296,18 @@ def write_report(runs: pd.DataFrame, baseline: dict, out_dir: Path, command: str
         f"Reproduce with `{command}`. Test lwlrap over seeds {seeds}; `delta_vs_full` is the "
         "mean paired difference to the full pipeline at the same seed, `p_value` a paired "
         "t-test.", "",
-        report.to_markdown(index=False, floatfmt=".3f"), "",
+        _readable(report).to_markdown(index=False), "",
         "## Table 2 (full pipeline, mean ± std over seeds)", "",
         table2(runs).to_markdown(index=False), "",
         f"![ablations]({files['figure'].name})", "",
     ]))
     return [*files.values(), *_copy_figures(runs, out_dir)]
+
+
+def _readable(table: pd.DataFrame) -> pd.DataFrame:
+    """Three decimals, and blanks instead of NaN where a figure does not apply."""
+    return table.astype(object).map(
+        lambda v: "" if pd.isna(v) else f"{v:.3f}" if isinstance(v, float) else v)
 
 
 def _copy_figures(runs: pd.DataFrame, out_dir: Path) -> list[Path]:
