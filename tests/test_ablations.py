@@ -114,7 +114,8 @@ def test_report_writes_tables_and_the_pipeline_figures(tiny_chain, tmp_path: Pat
     dataset = load_dataset(tiny_chain.data)
     with tiny_chain.store():
         row = pipeline_row(tiny_chain.pipeline_run_id, dataset)
-        runs = pd.DataFrame([row | {"ablation": "full", "seed": 0}])
+        runs = pd.DataFrame([row | {"ablation": "full", "seed": 0},
+                             row | {"ablation": "no_warm_start", "seed": 0}])
         files = write_report(runs, {"logreg_curated_test": 0.5}, tmp_path, "fat-mlflow x")
     names = {path.name for path in files}
     assert {"ablations.md", "ablations.csv", "ablation_runs.csv", "ablations.png",
@@ -122,6 +123,9 @@ def test_report_writes_tables_and_the_pipeline_figures(tiny_chain, tmp_path: Pat
     text = (tmp_path / "ablations.md").read_text()
     assert "`fat-mlflow x`" in text and "logistic regression" in text
     assert f"{row['ensemble_test']:.3f}" in text
+    assert "## Table 2 (full pipeline" in text and "## Table 2 (no warm start" in text
+    assert f"{row['model3_selection_precision']:.3f}" in text
+    assert f"base rate is {row['model3_noisy_base_rate']:.3f}" in text
 
 
 def test_cli_rejects_unknown_ablations_before_any_work(tmp_path: Path):
