@@ -156,7 +156,7 @@ def pipeline_row(pipeline_id: str, dataset: FatDataset) -> dict:
     for record in table.to_dict("records"):
         name = "ensemble" if record["stage"] == "ensemble" else f"model{record['stage'][-1]}"
         for column in ("lwlrap_noisy", "lwlrap_curated", "lwlrap_test", "selection_precision",
-                       "noisy_base_rate"):
+                       "selected_clips", "noisy_base_rate"):
             value = record.get(column)
             if value is not None and not pd.isna(value):
                 row[f"{name}_{column.removeprefix('lwlrap_')}"] = float(value)
@@ -255,24 +255,25 @@ def _by_seed(runs: pd.DataFrame, comparison: Comparison) -> pd.Series:
 
 def table2(runs: pd.DataFrame, ablation: str = "full") -> pd.DataFrame:
     """This project's Table 2 on the data: one ablation's models, mean +- std over seeds, with
-    the share of correctly labelled clips among those the stage selected."""
+    the number of noisy clips the stage selected and the share of them labelled correctly."""
     picked = runs[runs["ablation"] == ablation]
     rows = []
     for model in ("model1", "model2", "model3", "model4", "ensemble"):
         row = {"model": model}
-        for split in ("noisy", "curated", "test", "selection_precision"):
+        for split in ("noisy", "curated", "test", "selected_clips", "selection_precision"):
             column = f"{model}_{split}"
             if column in picked and picked[column].notna().any():
-                name = split if split == "selection_precision" else f"lwlrap_{split}"
-                row[name] = _mean_std(picked[column])
+                name = f"lwlrap_{split}" if split in ("noisy", "curated", "test") else split
+                decimals = 1 if split == "selected_clips" else 3
+                row[name] = _mean_std(picked[column], decimals)
         rows.append(row)
     return pd.DataFrame(rows).fillna("")
 
 
-def _mean_std(values: pd.Series) -> str:
+def _mean_std(values: pd.Series, decimals: int = 3) -> str:
     values = values.dropna().astype(float)
-    spread = f" ± {values.std(ddof=1):.3f}" if len(values) > 1 else ""
-    return f"{values.mean():.3f}{spread}"
+    spread = f" ± {values.std(ddof=1):.{decimals}f}" if len(values) > 1 else ""
+    return f"{values.mean():.{decimals}f}{spread}"
 
 
 def write_report(runs: pd.DataFrame, baseline: dict, out_dir: Path, command: str) -> list[Path]:
@@ -299,7 +300,7 @@ def write_report(runs: pd.DataFrame, baseline: dict, out_dir: Path, command: str
         f"Reproduce with `{command}`. Test lwlrap over seeds {seeds}; `delta_vs_full` is the "
         "mean paired difference to the full pipeline at the same seed, `p_value` a paired "
         "t-test.", "",
-        _readable(report).to_markdown(index=False), "",
+        report_cells(report).to_markdown(index=False, disable_numparse=True), "",
         *_table2_sections(runs),
         f"![ablations]({files['figure'].name})", "",
     ]))
@@ -313,7 +314,8 @@ def _table2_sections(runs: pd.DataFrame) -> list[str]:
                             ("no_warm_start", "no warm start, every stage from scratch")):
         if (runs["ablation"] == ablation).any():
             sections += [f"## Table 2 ({title}, mean ± std over seeds)", "",
-                         table2(runs, ablation).to_markdown(index=False), ""]
+                         table2(runs, ablation).to_markdown(index=False,
+                                                            disable_numparse=True), ""]
     base_rate = runs.get("model3_noisy_base_rate")
     if base_rate is not None and base_rate.notna().any():
         sections += [f"`selection_precision`: share of the clips a stage selected from the "
@@ -322,10 +324,17 @@ def _table2_sections(runs: pd.DataFrame) -> list[str]:
     return sections
 
 
-def _readable(table: pd.DataFrame) -> pd.DataFrame:
-    """Three decimals, and blanks instead of NaN where a figure does not apply."""
-    return table.astype(object).map(
-        lambda v: "" if pd.isna(v) else f"{v:.3f}" if isinstance(v, float) else v)
+def report_cells(table: pd.DataFrame) -> pd.DataFrame:
+    """Three decimals, p-values below 0.001 as such, blanks where a figure does not apply."""
+    def cell(value, column: str):
+        if not isinstance(value, float):
+            return value
+        if pd.isna(value):
+            return ""
+        return "< 0.001" if column == "p_value" and value < 0.001 else f"{value:.3f}"
+
+    return pd.DataFrame({column: [cell(v, column) for v in table[column].astype(object)]
+                         for column in table.columns})
 
 
 def _copy_figures(runs: pd.DataFrame, out_dir: Path) -> list[Path]:

@@ -14,6 +14,7 @@ from fat_mlflow.ablations import (
     ablation_key,
     ablation_profile,
     pipeline_row,
+    report_cells,
     single_fold_lwlrap,
     summarise,
     write_report,
@@ -125,6 +126,7 @@ def test_report_writes_tables_and_the_pipeline_figures(tiny_chain, tmp_path: Pat
     assert f"{row['ensemble_test']:.3f}" in text
     assert "## Table 2 (full pipeline" in text and "## Table 2 (no warm start" in text
     assert f"{row['model3_selection_precision']:.3f}" in text
+    assert f"{row['model3_selected_clips']:.1f}" in text
     assert f"base rate is {row['model3_noisy_base_rate']:.3f}" in text
 
 
@@ -137,3 +139,11 @@ def test_cli_rejects_unknown_ablations_before_any_work(tmp_path: Path):
     with pytest.raises(ValueError, match="at least one seed"):
         AblationRequest(profile=get_profile("tiny"), seeds=[], esc50=tmp_path)
     assert not list(tmp_path.iterdir())
+
+
+def test_report_cells_read_as_printed():
+    table = pd.DataFrame({"configuration": ["a", "b"], "mean": [0.29, 0.3333],
+                          "p_value": [np.nan, 0.0001]})
+    readable = report_cells(table)
+    assert readable.to_dict("list") == {"configuration": ["a", "b"], "mean": ["0.290", "0.333"],
+                                        "p_value": ["", "< 0.001"]}

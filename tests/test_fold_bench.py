@@ -30,20 +30,43 @@ def packed(demo_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_pack_keeps_every_noisy_clip_with_its_labels(packed: Path, demo_data: Path):
     dataset = load_dataset(demo_data)
-    clips, vocabulary, n_folds = load_pack(packed)
-    assert vocabulary == dataset.vocabulary and n_folds == get_profile("tiny").train.n_folds
-    assert len(clips.specs) == len(dataset.noisy)
+    loaded = load_pack(packed)
+    clips = loaded.train
+    assert loaded.vocabulary == dataset.vocabulary
+    assert loaded.n_folds == get_profile("tiny").train.n_folds and loaded.test is None
+    assert clips.name == "noisy" and len(clips.specs) == len(dataset.noisy)
     np.testing.assert_array_equal(clips.targets, dataset.targets(dataset.noisy))
     assert max(s.shape[1] for s in clips.specs) <= 200
-    assert set(clips.folds) == set(range(n_folds))
+    assert set(clips.folds) == set(range(loaded.n_folds))
 
 
 def test_one_fold_trains_without_mlflow_or_librosa(packed: Path, tmp_path: Path):
-    out = tmp_path / "fold.jsonl"
-    subprocess.run([sys.executable, "-c", WITHOUT_TRACKING, "run", "--pack", str(packed),
-                    "--profile", "tiny", "--set", "train.epochs=2", "train.device=cpu",
-                    "--out", str(out)], check=True, capture_output=True, text=True, timeout=300)
-    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    row = _run_fold(packed, tmp_path)
     assert row["device"] == "cpu" and row["amp"] is False and row["epochs"] == 2
     assert row["samples_per_s"] > 0 and row["epoch_seconds_median"] > 0
     assert 0 < row["oof_lwlrap"] <= 1 and row["train_TFLOP_per_s"] > 0
+    assert row["split"] == "noisy" and np.isnan(row["test_lwlrap"])
+
+
+def test_curated_pack_with_test_reports_the_fold_models_test_lwlrap(demo_data: Path,
+                                                                     tmp_path: Path):
+    dataset = load_dataset(demo_data)
+    path = tmp_path / "curated.npz"
+    pack(demo_data, path, get_profile("tiny"), cache_dir=None, split="curated", with_test=True)
+    loaded = load_pack(path)
+    assert loaded.train.name == "curated" and len(loaded.train.specs) == len(dataset.curated)
+    np.testing.assert_array_equal(loaded.test.targets, dataset.targets(dataset.test))
+    assert (loaded.test.folds == -1).all()
+    row = _run_fold(path, tmp_path, "augment.specmix=false", "train.seed=3")
+    assert row["split"] == "curated" and row["seed"] == 3 and row["specmix"] is False
+    assert 0 < row["test_lwlrap"] <= 1
+
+
+def _run_fold(path: Path, tmp_path: Path, *overrides: str) -> dict:
+    out = tmp_path / "fold.jsonl"
+    subprocess.run([sys.executable, "-c", WITHOUT_TRACKING, "run", "--pack", str(path),
+                    "--profile", "tiny", "--set", "train.epochs=2", "train.device=cpu",
+                    *overrides, "--out", str(out)], check=True, capture_output=True, text=True,
+                   timeout=300)
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    return row
