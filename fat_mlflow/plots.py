@@ -63,8 +63,10 @@ def plot_ablations(report: pd.DataFrame) -> Figure:
     errors = ordered["std"].fillna(0) if "std" in ordered else None
     axis.barh(ordered["configuration"], ordered["mean"], xerr=errors, capsize=3,
               color=["tab:gray" if "logistic" in c else "tab:blue" for c in ordered["configuration"]])
-    for position, value in enumerate(ordered["mean"]):
-        axis.text(value + 0.005, position, f"{value:.3f}", va="center", fontsize=7)
+    ends = ordered["mean"] + (errors if errors is not None else 0)
+    for position, (value, end) in enumerate(zip(ordered["mean"], ends)):
+        axis.text(end + 0.008, position, f"{value:.3f}", va="center", fontsize=7)
+    axis.set_xlim(0, max(ends) * 1.12)
     axis.set(xlabel="test lwlrap (mean ± std over seeds)", title="ablations on the demo data")
     axis.tick_params(axis="y", labelsize=8)
     figure.tight_layout()
