@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from multiprocessing import get_context
@@ -20,15 +19,16 @@ import matplotlib.pyplot as plt
 import mlflow
 import numpy as np
 import pandas as pd
-from mlflow.tracking import MlflowClient
+import torch
 from scipy import stats
 
 from fat_mlflow.baseline import baseline_scores, fit_logistic_baseline
 from fat_mlflow.config import Profile
-from fat_mlflow.data import FatDataset, dataset_fingerprint, load_dataset
+from fat_mlflow.data import DataLayoutError, FatDataset, dataset_fingerprint, load_dataset
 from fat_mlflow.features import FeatureCache
 from fat_mlflow.metrics import lwlrap
 from fat_mlflow.pipeline import PipelineRequest, ensure_demo_data, run_pipeline
+from fat_mlflow.stages import BadAudioError
 from fat_mlflow.plots import plot_ablations
 from fat_mlflow.tracking import (
     TAG_DATASET,
@@ -105,7 +105,7 @@ class AblationRequest:
 def ablation_key(ablation: Ablation, profile: Profile, fingerprint: str) -> str:
     """Everything that makes two runs of an ablation interchangeable (the seed is in the profile)."""
     payload = {"ablation": ablation.name, "overrides": ablation.overrides,
-               "warm_start": ablation.warm_start, "profile": profile.flat(),
+               "warm_start": ablation.warm_start, "profile": profile.settings(),
                "dataset": fingerprint}
     return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -116,18 +116,12 @@ def ablation_profile(base: Profile, ablation: Ablation, seed: int, threads: int)
 
 
 def finished_pipeline(key: str) -> str | None:
-    runs = MlflowClient().search_runs(
-        experiment_ids=[_experiment_id()],
+    """The newest finished pipeline run of this key in the current experiment, if any."""
+    runs = mlflow.search_runs(
         filter_string=f"tags.`{TAG_KEY}` = '{key}' and attributes.status = 'FINISHED'",
-        order_by=["attributes.start_time DESC"],
+        order_by=["attributes.start_time DESC"], output_format="list",
     )
     return next((r.info.run_id for r in runs if TAG_PIPELINE in r.data.tags), None)
-
-
-def _experiment_id() -> str:
-    experiment_id = os.environ.get("MLFLOW_EXPERIMENT_ID")
-    return experiment_id or mlflow.get_experiment_by_name(
-        os.environ.get("MLFLOW_EXPERIMENT_NAME", "Default")).experiment_id
 
 
 def run_one(request: AblationRequest, data: Path, ablation: Ablation, seed: int,
@@ -181,37 +175,44 @@ def _run_task(request: AblationRequest, data: Path, name: str, seed: int, thread
 
 def run_sweep(request: AblationRequest, data: Path) -> pd.DataFrame:
     """Every ablation at every seed, ablation by ablation (so an interrupted sweep leaves
-    whole ablations behind), in `jobs` parallel processes that split the CPU threads."""
+    whole ablations behind), in `jobs` parallel processes that split the CPU threads.
+
+    The full pipeline goes first, alone: `no_warm_start` trains the same stage 1 at each
+    seed and reuses it, and two processes must never train one stage run at once.
+    """
     tasks = [(name, seed) for name in request.names for seed in request.seeds]
     if request.jobs <= 1:
         threads = request.profile.train.num_threads
         return pd.DataFrame([_run_task(request, data, name, seed, threads) for name, seed in tasks])
-    threads = max(1, (os.cpu_count() or 1) // request.jobs)
+    threads = max(1, torch.get_num_threads() // request.jobs)
+    waves = [[task for task in tasks if task[0] == REFERENCE.ablation],
+             [task for task in tasks if task[0] != REFERENCE.ablation]]
+    rows = []
     with ProcessPoolExecutor(request.jobs, mp_context=get_context("spawn")) as pool:
-        futures = [pool.submit(_run_task, request, data, name, seed, threads)
-                   for name, seed in tasks]
-        return pd.DataFrame([future.result() for future in futures])
+        for wave in waves:
+            futures = [pool.submit(_run_task, request, data, name, seed, threads)
+                       for name, seed in wave]
+            rows += [future.result() for future in futures]
+    return pd.DataFrame(rows)
 
 
-def baseline_row(data: Path, profile: Profile, cache_dir: Path | None) -> dict:
+def baseline_row(dataset: FatDataset, profile: Profile, cache_dir: Path | None) -> dict:
     """Logistic-regression floor on the same cached features: curated only, and curated + noisy."""
-    dataset = load_dataset(data)
+    training_sets = {"curated": [dataset.curated]}
+    if dataset.noisy_or_none is not None:
+        training_sets["curated_noisy"] = [dataset.curated, dataset.noisy]
     cache = FeatureCache(cache_dir, profile.features)
-    frames = {"curated": dataset.curated, "noisy": dataset.noisy_or_none, "test": dataset.test}
-    cache.compute([p for f in frames.values() if f is not None for p in f["path"]], progress=False)
+    every_clip = pd.concat([dataset.curated, dataset.noisy_or_none, dataset.test])["path"]
+    failures = cache.compute(list(every_clip), progress=False).failures
+    if failures:
+        raise BadAudioError(failures)
     test_specs = cache.load_many(dataset.test["path"], mmap=False)
     test_truth = dataset.targets(dataset.test)
     row = {}
-    training = [frames["curated"]]
-    for name in ("curated", "noisy"):
-        if name == "noisy":
-            if frames["noisy"] is None:
-                break
-            training.append(frames["noisy"])
-        train = pd.concat(training, ignore_index=True)
+    for label, parts in training_sets.items():
+        train = pd.concat(parts, ignore_index=True)
         model = fit_logistic_baseline(cache.load_many(train["path"], mmap=False),
                                       dataset.targets(train))
-        label = "curated" if name == "curated" else "curated_noisy"
         row[f"logreg_{label}_test"] = lwlrap(test_truth, baseline_scores(model, test_specs))
     return row
 
@@ -361,12 +362,15 @@ def run_ablations(request: AblationRequest, out_dir: Path, command: str) -> pd.D
     configure_tracking()
     data = request.data or ensure_demo_data(PipelineRequest(
         data=None, profile=request.profile, archs=["cnn"], esc50=request.esc50))
+    dataset = load_dataset(data)
+    if not dataset.has_test_truth:
+        raise DataLayoutError(f"{data / 'test_truth.csv'}: not found; the ablations compare "
+                              "test lwlrap, so the test clips need their labels")
     runs = run_sweep(request, data)
-    baseline = baseline_row(data, request.profile, request.cache_dir)
+    baseline = baseline_row(dataset, request.profile, request.cache_dir)
     files = write_report(runs, baseline, out_dir, command)
     with mlflow.start_run(run_name="ablations"):
-        mlflow.set_tags({TAG_STAGE: "ablations",
-                         TAG_DATASET: dataset_fingerprint(load_dataset(data))})
+        mlflow.set_tags({TAG_STAGE: "ablations", TAG_DATASET: dataset_fingerprint(dataset)})
         mlflow.log_params({"ablations": ",".join(request.names),
                            "seeds": ",".join(map(str, request.seeds)), **request.profile.flat()})
         mlflow.log_metrics({key: value for key, value in baseline.items()})

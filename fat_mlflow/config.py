@@ -12,6 +12,9 @@ import json
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+# Settings that say where and how fast training runs, not what it trains.
+RUNTIME_SETTINGS = frozenset({"train.device", "train.num_threads"})
+
 
 @dataclass(frozen=True)
 class FeatureConfig:
@@ -97,6 +100,11 @@ class Profile:
             for key, value in dataclasses.asdict(getattr(self, section)).items():
                 out[f"{section}.{key}"] = value
         return out
+
+    def settings(self) -> dict[str, Any]:
+        """`flat()` without the settings that only say where and how fast it trains: what
+        makes two runs interchangeable (a rerun with other threads reuses finished work)."""
+        return {key: value for key, value in self.flat().items() if key not in RUNTIME_SETTINGS}
 
     def override(self, overrides: dict[str, Any]) -> Profile:
         """Apply `section.field=value` overrides (strings are coerced to the field's type)."""

@@ -1,7 +1,8 @@
 """The input errors a user can fix, gathered so the CLI reports them without a traceback."""
 from fat_mlflow.audio import AudioError
 from fat_mlflow.data import DataLayoutError
+from fat_mlflow.pipeline import FoldJobError
 from fat_mlflow.stages import BadAudioError
 from fat_mlflow.tracking import RunLookupError
 
-USER_ERRORS = (AudioError, DataLayoutError, BadAudioError, RunLookupError)
+USER_ERRORS = (AudioError, DataLayoutError, BadAudioError, FoldJobError, RunLookupError)

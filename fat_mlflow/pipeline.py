@@ -42,6 +42,7 @@ from fat_mlflow.tracking import (
     TAG_PIPELINE,
     TAG_STAGE,
     configure_tracking,
+    finished_folds,
     get_run,
     log_table,
 )
@@ -77,7 +78,7 @@ class PipelineRequest:
 def inputs_hash(request: StageRequest) -> str:
     """What makes two stage runs interchangeable: stage, settings and the runs it builds on."""
     payload = {
-        "stage": request.stage, "profile": request.profile.flat(),
+        "stage": request.stage, "profile": request.profile.settings(),
         "init": request.init_run_id, "selection": request.selection_run_ids,
         "threshold": request.threshold, "cap": request.max_per_label_per_fold,
         "bad_audio": request.bad_audio,
@@ -145,27 +146,41 @@ def visible_gpus(device: str) -> list[str]:
     return listed.split(",")[:count] if listed else [str(i) for i in range(count)]
 
 
-def fold_job_environments(n_jobs: int, gpus: list[str], experiment_id: str) -> list[dict[str, str]]:
+def threads_per_job(num_threads: int, n_jobs: int) -> int:
+    """An equal share of the stage's threads (`train.num_threads`, 0: torch's default)."""
+    return max(1, (num_threads or torch.get_num_threads()) // n_jobs)
+
+
+def fold_job_environments(n_jobs: int, gpus: list[str], experiment_id: str,
+                          threads: int) -> list[dict[str, str]]:
     """Each job's environment: this tracking store and the stage run's experiment, never this
     process's run (`mlflow run` exports MLFLOW_RUN_ID, which a job would take as its own),
-    an equal share of the CPU threads and, when there are several GPUs, one of them."""
+    `threads` BLAS threads and, when there are several GPUs, one of them."""
     base = {key: value for key, value in os.environ.items() if key != MLFLOW_RUN_ID.name}
     base.update({MLFLOW_TRACKING_URI.name: mlflow.get_tracking_uri(),
-                 MLFLOW_EXPERIMENT_ID.name: experiment_id,
-                 "OMP_NUM_THREADS": str(max(1, torch.get_num_threads() // n_jobs))})
+                 MLFLOW_EXPERIMENT_ID.name: experiment_id, "OMP_NUM_THREADS": str(threads)})
     if len(gpus) < 2:
         return [dict(base) for _ in range(n_jobs)]
     return [{**base, "CUDA_VISIBLE_DEVICES": gpus[job % len(gpus)]} for job in range(n_jobs)]
 
 
 def run_fold_jobs(request: StageRequest, n_jobs: int) -> None:
-    """Train the folds of the stage run `request.resume_run_id` in `n_jobs` parallel
-    processes (contiguous blocks of folds; finished folds are skipped) and wait for all."""
+    """Train the unfinished folds of the stage run `request.resume_run_id` in `n_jobs`
+    parallel processes (contiguous blocks of folds, each with its share of the threads)
+    and wait for all."""
     cfg = request.profile.train
+    finished = finished_folds(request.resume_run_id)
+    pending = [fold for fold in range(cfg.n_folds) if fold not in finished]
+    if not pending:
+        return
     blocks = [[int(fold) for fold in block]
-              for block in np.array_split(np.arange(cfg.n_folds), min(n_jobs, cfg.n_folds))]
+              for block in np.array_split(pending, min(n_jobs, len(pending)))]
+    threads = threads_per_job(cfg.num_threads, len(blocks))
+    request = replace(request, profile=replace(request.profile,
+                                               train=replace(cfg, num_threads=threads)))
     environments = fold_job_environments(len(blocks), visible_gpus(cfg.device),
-                                         get_run(request.resume_run_id).info.experiment_id)
+                                         get_run(request.resume_run_id).info.experiment_id,
+                                         threads)
     logs = Path(tempfile.mkdtemp(prefix=f"fat-mlflow-{request.stage}-jobs-"))
     jobs: list[tuple[str, Path, subprocess.Popen]] = []
     try:

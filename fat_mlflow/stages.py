@@ -11,6 +11,7 @@ folds, in a child run of the stage run, so that several jobs can share a stage a
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import torch
 from mlflow.entities import Run
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from fat_mlflow.config import Profile, get_profile
+from fat_mlflow.config import RUNTIME_SETTINGS, Profile, get_profile
 from fat_mlflow.crossval import ClipSet, CrossValResult, assemble, run_cross_validation
 from fat_mlflow.data import FatDataset, dataset_fingerprint, load_dataset
 from fat_mlflow.features import FeatureCache
@@ -59,7 +60,7 @@ STAGES = ("stage1", "stage2", "stage3", "stage4")
 WARM_START_FROM = {"stage2": "stage1", "stage3": "stage2", "stage4": "stage3"}
 FOLD_JOB = "fold-job"  # the fat.stage tag of a fold job's child run
 # Settings that say where and how fast a stage trains, not what: jobs of one stage may differ.
-RUNTIME_PARAMS = frozenset({"stage.data", "train.device", "train.num_threads"})
+RUNTIME_PARAMS = RUNTIME_SETTINGS | {"stage.data"}
 PROFILE_SECTIONS = ("features", "augment", "train")
 
 
@@ -330,6 +331,8 @@ def _fold_job(request: StageRequest, data: StageData, selection: pd.DataFrame | 
                           tags={TAG_STAGE: FOLD_JOB, MLFLOW_PARENT_RUN_ID: stage_run_id}):
         mlflow.log_params({"fold_job.folds": spec,
                            "fold_job.device": str(resolve_device(cfg.device)),
+                           "fold_job.cuda_visible_devices":
+                               os.environ.get("CUDA_VISIBLE_DEVICES", ""),
                            "fold_job.num_threads": cfg.num_threads or torch.get_num_threads()})
         _train_folds(request, data, selection, stage_run_id, request.folds)
 

@@ -148,6 +148,28 @@ def log_table(table: pd.DataFrame, artifact_path: str) -> None:
         mlflow.log_artifact(str(path), None if folder == "." else folder)
 
 
+def finished_folds(run_id: str) -> dict[int, FoldResult]:
+    """The folds of a stage run whose model is logged and whose scores read back whole."""
+    client = MlflowClient()
+    finished: dict[int, FoldResult] = {}
+    for entry in client.list_artifacts(run_id, "folds"):
+        names = {Path(f.path).name for f in client.list_artifacts(run_id, entry.path)}
+        if {"model.pt", "scores.npz"} <= names:
+            fold = int(Path(entry.path).name.removeprefix("fold_"))
+            try:
+                finished[fold] = _load_scores(run_id, fold)
+            except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+                continue  # killed while the scores were being copied: retrain the fold
+    return finished
+
+
+def _load_scores(run_id: str, fold: int) -> FoldResult:
+    with np.load(download(run_id, f"folds/fold_{fold}/scores.npz")) as data:
+        oof = {key.removeprefix("oof_"): data[key] for key in data.files if key.startswith("oof_")}
+        test = data["test"] if "test" in data.files else None
+    return FoldResult(fold, oof, test)
+
+
 class MlflowFoldStore:
     """Keeps each finished fold (model + scores) as artifacts of the stage run.
 
@@ -162,22 +184,7 @@ class MlflowFoldStore:
         self.client = MlflowClient()
 
     def finished_folds(self) -> dict[int, FoldResult]:
-        finished: dict[int, FoldResult] = {}
-        for entry in self.client.list_artifacts(self.run_id, "folds"):
-            names = {Path(f.path).name for f in self.client.list_artifacts(self.run_id, entry.path)}
-            if {"model.pt", "scores.npz"} <= names:
-                fold = int(Path(entry.path).name.removeprefix("fold_"))
-                try:
-                    finished[fold] = self._load_scores(fold)
-                except (OSError, ValueError, EOFError, zipfile.BadZipFile):
-                    continue  # killed while the scores were being copied: retrain the fold
-        return finished
-
-    def _load_scores(self, fold: int) -> FoldResult:
-        with np.load(download(self.run_id, f"folds/fold_{fold}/scores.npz")) as data:
-            oof = {key.removeprefix("oof_"): data[key] for key in data.files if key.startswith("oof_")}
-            test = data["test"] if "test" in data.files else None
-        return FoldResult(fold, oof, test)
+        return finished_folds(self.run_id)
 
     def log_epoch(self, fold: int, log: EpochLog) -> None:
         metrics = {f"fold{fold}_train_loss": log.train_loss,

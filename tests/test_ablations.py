@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pandas as pd
 import pytest
@@ -15,6 +16,7 @@ from fat_mlflow.ablations import (
     ablation_profile,
     pipeline_row,
     report_cells,
+    run_ablations,
     single_fold_lwlrap,
     summarise,
     write_report,
@@ -22,7 +24,7 @@ from fat_mlflow.ablations import (
 from fat_mlflow.baseline import baseline_scores, clip_statistics, fit_logistic_baseline
 from fat_mlflow.cli import main
 from fat_mlflow.config import get_profile
-from fat_mlflow.data import load_dataset
+from fat_mlflow.data import DataLayoutError, load_dataset
 from fat_mlflow.features import FeatureCache
 from fat_mlflow.metrics import lwlrap
 from fat_mlflow.tracking import download, read_table
@@ -147,3 +149,17 @@ def test_report_cells_read_as_printed():
     readable = report_cells(table)
     assert readable.to_dict("list") == {"configuration": ["a", "b"], "mean": ["0.290", "0.333"],
                                         "p_value": ["", "< 0.001"]}
+
+
+def test_data_without_test_labels_is_refused_before_any_training(demo_data: Path, tmp_path: Path,
+                                                                  tracking):
+    unlabelled = tmp_path / "unlabelled"
+    unlabelled.mkdir()
+    for entry in demo_data.iterdir():
+        if entry.name != "test_truth.csv":
+            (unlabelled / entry.name).symlink_to(entry)
+    request = AblationRequest(profile=get_profile("tiny"), seeds=[0], esc50=tmp_path,
+                              data=unlabelled)
+    with pytest.raises(DataLayoutError, match="test_truth.csv: not found"):
+        run_ablations(request, tmp_path / "report", "fat-mlflow ablations")
+    assert not mlflow.search_runs(search_all_experiments=True, output_format="list")

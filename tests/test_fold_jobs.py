@@ -30,6 +30,7 @@ from fat_mlflow.pipeline import (
     fold_job_environments,
     run_fold_jobs,
     run_or_reuse,
+    threads_per_job,
 )
 from fat_mlflow.stages import FOLD_JOB, StageRequest, format_folds, parse_folds, run_stage
 
@@ -139,28 +140,59 @@ def test_gather_names_the_missing_folds_and_completes_once_they_exist(stage1):
             pd.testing.assert_frame_equal(table, expected[name], check_exact=True, obj=name)
 
 
+def prepare(stage1: Stage1Runs) -> str:
+    """A fresh stage-1 run with no fold trained yet, as the launcher prepares it."""
+    threads = torch.get_num_threads()
+    try:
+        return run_stage(replace(stage1.request, folds=[]))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_fold_jobs_train_only_the_unfinished_folds(stage1):
+    with stage1.store():
+        client = MlflowClient()
+        run_id = prepare(stage1)
+        trained = artifacts(client, stage1.parallel) / "folds"
+        client.log_artifacts(run_id, str(trained / "fold_0"), "folds/fold_0")  # a resumed run
+        run_fold_jobs(replace(stage1.request, resume_run_id=run_id), 2)
+        jobs = client.search_runs([client.get_run(run_id).info.experiment_id],
+                                  f"tags.`mlflow.parentRunId` = '{run_id}'")
+        assert [job.data.params["fold_job.folds"] for job in jobs] == ["1"]
+        run_fold_jobs(replace(stage1.request, resume_run_id=run_id), 2)  # nothing left to do
+        assert len(client.search_runs([client.get_run(run_id).info.experiment_id],
+                                      f"tags.`mlflow.parentRunId` = '{run_id}'")) == 1
+
+
 def test_a_failed_fold_job_is_reported_with_the_end_of_its_output(stage1):
     """A job whose settings differ from its stage run's stops, and the launcher says why."""
-    other = replace(stage1.request, resume_run_id=stage1.parallel,
-                    profile=get_profile("tiny", {**PINNED, "train.epochs": "3"}))
-    with stage1.store(), pytest.raises(FoldJobError) as info:
-        run_fold_jobs(other, 1)
+    with stage1.store():
+        run_id = prepare(stage1)
+        other = replace(stage1.request, resume_run_id=run_id,
+                        profile=get_profile("tiny", {**PINNED, "train.epochs": "3"}))
+        with pytest.raises(FoldJobError) as info:
+            run_fold_jobs(other, 1)
     message = str(info.value)
-    assert message.startswith(f"stage1: 1 of 1 fold job(s) failed; run {stage1.parallel}")
+    assert message.startswith(f"stage1: 1 of 1 fold job(s) failed; run {run_id}")
     assert "folds 0-1 exited with 1" in message
     assert "train.epochs: the run has '1', this one '3'" in message
 
 
 def test_fold_jobs_get_the_store_one_gpu_each_and_never_the_pipeline_run(tracking, monkeypatch):
     monkeypatch.setenv("MLFLOW_RUN_ID", "the-pipeline-run")  # as `mlflow run` exports it
-    on_gpus = fold_job_environments(3, ["3", "5"], "7")
-    on_cpu = fold_job_environments(2, [], "7")
+    on_gpus = fold_job_environments(3, ["3", "5"], "7", threads=2)
+    on_cpu = fold_job_environments(2, [], "7", threads=3)
     assert [env["CUDA_VISIBLE_DEVICES"] for env in on_gpus] == ["3", "5", "3"]
     for env in on_gpus + on_cpu:
         assert "MLFLOW_RUN_ID" not in env  # else a job would log into the pipeline's run
         assert env["MLFLOW_TRACKING_URI"] == tracking
         assert env["MLFLOW_EXPERIMENT_ID"] == "7"
-    assert on_cpu[0]["OMP_NUM_THREADS"] == str(max(1, torch.get_num_threads() // 2))
+    assert [env["OMP_NUM_THREADS"] for env in on_cpu] == ["3", "3"]
+
+
+def test_each_job_gets_its_share_of_the_stages_threads():
+    assert threads_per_job(8, 4) == 2 and threads_per_job(1, 4) == 1
+    assert threads_per_job(0, 2) == max(1, torch.get_num_threads() // 2)  # 0: torch's default
 
 
 @pytest.mark.parametrize("spec, folds", [

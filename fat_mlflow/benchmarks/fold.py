@@ -70,7 +70,7 @@ def pack(data: Path, out: Path, profile: Profile, cache_dir: Path | None,
     from fat_mlflow.folds import stratified_folds
 
     dataset = load_dataset(data)
-    frames = {"train": {"noisy": dataset.noisy, "curated": dataset.curated}[split]}
+    frames = {"train": dataset.noisy if split == "noisy" else dataset.curated}
     if with_test:
         frames["test"] = dataset.test
     cache = FeatureCache(cache_dir, profile.features)
