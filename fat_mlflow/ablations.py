@@ -25,10 +25,9 @@ from scipy import stats
 from fat_mlflow.baseline import baseline_scores, fit_logistic_baseline
 from fat_mlflow.config import Profile
 from fat_mlflow.data import DataLayoutError, FatDataset, dataset_fingerprint, load_dataset
-from fat_mlflow.features import FeatureCache
+from fat_mlflow.features import BadAudioError, FeatureCache
 from fat_mlflow.metrics import lwlrap
 from fat_mlflow.pipeline import PipelineRequest, ensure_demo_data, run_pipeline
-from fat_mlflow.stages import BadAudioError
 from fat_mlflow.plots import plot_ablations
 from fat_mlflow.tracking import (
     TAG_DATASET,

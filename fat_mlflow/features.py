@@ -66,6 +66,15 @@ def default_cache_root() -> Path:
     return Path(os.environ.get(CACHE_ENV, ".fat_cache"))
 
 
+class BadAudioError(ValueError):
+    """Some clips cannot be decoded; lists every one of them, then what to do about it."""
+
+    def __init__(self, failures: dict[str, str], hint: str = "fix or remove them"):
+        self.failures = failures
+        listing = "\n".join(f"  {path}: {reason}" for path, reason in sorted(failures.items()))
+        super().__init__(f"{len(failures)} audio file(s) cannot be used:\n{listing}\n{hint}")
+
+
 @dataclass
 class CacheStats:
     """What one `FeatureCache.compute` call did; `audio_seconds` counts the clips it decoded."""

@@ -25,7 +25,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from fat_mlflow.config import RUNTIME_SETTINGS, Profile, get_profile
 from fat_mlflow.crossval import ClipSet, CrossValResult, assemble, run_cross_validation
 from fat_mlflow.data import FatDataset, dataset_fingerprint, load_dataset
-from fat_mlflow.features import FeatureCache
+from fat_mlflow.features import BadAudioError, FeatureCache
 from fat_mlflow.folds import assign_folds, folds_for
 from fat_mlflow.models import build_model, load_checkpoint
 from fat_mlflow.plots import plot_fold_curves
@@ -64,17 +64,8 @@ RUNTIME_PARAMS = RUNTIME_SETTINGS | {"stage.data"}
 PROFILE_SECTIONS = ("features", "augment", "train")
 
 
-class BadAudioError(ValueError):
-    """Some clips of the dataset cannot be decoded; lists every one of them."""
-
-    def __init__(self, failures: dict[str, str]):
-        self.failures = failures
-        listing = "\n".join(f"  {path}: {reason}" for path, reason in sorted(failures.items()))
-        super().__init__(
-            f"{len(failures)} audio file(s) cannot be used:\n{listing}\n"
-            "fix or remove them, or pass --bad-audio skip to leave them out (they are then "
-            "logged as the artifact bad_audio.csv)"
-        )
+SKIP_HINT = ("fix or remove them, or pass --bad-audio skip to leave them out (they are then "
+             "logged as the artifact bad_audio.csv)")
 
 
 @dataclass
@@ -153,7 +144,7 @@ def load_stage_data(request: StageRequest, dataset: FatDataset,
     stats = cache.compute([p for frame in frames.values() for p in frame["path"]],
                           progress=request.progress)
     if stats.failures and request.bad_audio != "skip":
-        raise BadAudioError(stats.failures)
+        raise BadAudioError(stats.failures, SKIP_HINT)
     bad = {str(p) for p in stats.failures}
     frames = {name: frame[~frame["path"].astype(str).isin(bad)].reset_index(drop=True)
               for name, frame in frames.items()}

@@ -120,7 +120,8 @@ def augmented_step(
     amp: bool = True,
     channels_last: bool = True,
 ) -> float:
-    """Move a batch to the device, augment it THERE, then take one optimiser step.
+    """Move a batch to the device, augment it THERE, then take one optimiser step (by
+    default in bfloat16 with channels_last tensors on a GPU).
 
     The augmentations draw their randomness from `generator` (on the CPU) whatever the
     device, so a GPU run sees the same crops, partners and bands as a CPU run; only the
@@ -129,26 +130,10 @@ def augmented_step(
     """
     inputs, targets = transform(inputs.to(device, non_blocking=True),
                                 targets.to(device, non_blocking=True), generator)
-    return train_step(model, inputs, targets, optimizer, loss_fn, device, amp, channels_last)
-
-
-def train_step(
-    model: nn.Module,
-    inputs: torch.Tensor,
-    targets: torch.Tensor,
-    optimizer: torch.optim.Optimizer,
-    loss_fn: nn.Module,
-    device: torch.device,
-    amp: bool = True,
-    channels_last: bool = True,
-) -> float:
-    """One optimiser step on one augmented batch; by default bfloat16 + channels_last on a GPU."""
-    on_gpu = device.type == "cuda"
-    inputs = inputs.to(device, non_blocking=True)
-    targets = targets.to(device, non_blocking=True)
-    if on_gpu and channels_last:
+    if device.type == "cuda" and channels_last:
         inputs = inputs.contiguous(memory_format=torch.channels_last)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_gpu and amp):
+    with torch.autocast(device.type, dtype=torch.bfloat16,
+                        enabled=device.type == "cuda" and amp):
         loss = loss_fn(model(inputs).float(), targets)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()

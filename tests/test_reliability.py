@@ -30,10 +30,10 @@ from fat_mlflow.audio import load_audio
 from fat_mlflow.cli import main
 from fat_mlflow.config import FeatureConfig, get_profile
 from fat_mlflow.data import dataset_fingerprint, load_dataset
-from fat_mlflow.features import FeatureCache
+from fat_mlflow.features import BadAudioError, FeatureCache
 from fat_mlflow.featurize import run_features
 from fat_mlflow.pipeline import run_or_reuse
-from fat_mlflow.stages import BadAudioError, StageRequest, run_stage
+from fat_mlflow.stages import StageRequest, run_stage
 from fat_mlflow.tracking import MlflowFoldStore
 
 SR = 44_100

@@ -25,7 +25,7 @@ from fat_mlflow.benchmarks.common import Result, Table, machine_facts, median, p
 from fat_mlflow.config import FeatureConfig
 from fat_mlflow.data import DataLayoutError, load_dataset
 from fat_mlflow.demo import default_esc50_dir
-from fat_mlflow.features import FeatureCache, log_mel
+from fat_mlflow.features import BadAudioError, FeatureCache, log_mel
 
 COLUMNS = (("seconds", "s"), ("clips_per_s", "clips/s"), ("x_realtime", "x realtime"),
            ("speed_vs_baseline", "speed vs baseline (x)"))
@@ -73,8 +73,7 @@ def run(paths: Sequence[Path], repeats: int, cfg: FeatureConfig = FeatureConfig(
             cache = FeatureCache(Path(root), cfg)
             stats = cache.compute(paths, n_jobs=n_jobs, progress=False)
             if stats.failures:
-                raise ValueError("clips that cannot be benchmarked: " + "; ".join(
-                    f"{path}: {reason}" for path, reason in stats.failures.items()))
+                raise BadAudioError(stats.failures)
             cold.append(stats.seconds)
             audio_s = stats.audio_seconds
             warm.append(cache.compute(paths, n_jobs=n_jobs, progress=False).seconds)

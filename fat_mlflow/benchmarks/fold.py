@@ -66,7 +66,7 @@ def pack(data: Path, out: Path, profile: Profile, cache_dir: Path | None,
     benchmark machine (training only ever sees random crops of `crop_frames` anyway).
     """
     from fat_mlflow.data import load_dataset
-    from fat_mlflow.features import FeatureCache
+    from fat_mlflow.features import BadAudioError, FeatureCache
     from fat_mlflow.folds import stratified_folds
 
     dataset = load_dataset(data)
@@ -77,7 +77,9 @@ def pack(data: Path, out: Path, profile: Profile, cache_dir: Path | None,
     arrays: dict = {"split": split, "vocabulary": np.array(dataset.vocabulary),
                     "n_folds": profile.train.n_folds}
     for part, frame in frames.items():
-        cache.compute(list(frame["path"]), progress=False)
+        failures = cache.compute(list(frame["path"]), progress=False).failures
+        if failures:
+            raise BadAudioError(failures)
         specs = [s[:, :max_frames] for s in cache.load_many(frame["path"], mmap=False)]
         arrays[f"{part}_specs"] = np.concatenate(specs, axis=1).astype(np.float16)
         arrays[f"{part}_lengths"] = np.array([s.shape[1] for s in specs])

@@ -19,7 +19,7 @@ from fat_mlflow.benchmarks import serving as serving_bench
 from fat_mlflow.benchmarks import training as training_bench
 from fat_mlflow.benchmarks.common import Table, machine_facts
 from fat_mlflow.config import FeatureConfig
-from fat_mlflow.features import FeatureCache
+from fat_mlflow.features import BadAudioError, FeatureCache
 from fat_mlflow.tracking import TAG_STAGE, configure_tracking
 from fat_mlflow.training import resolve_device
 
@@ -94,8 +94,7 @@ def _training(request: BenchmarkRequest, size: BenchmarkProfile, clips: list[Pat
     cache = FeatureCache(None, FeatureConfig())  # the stages' cache: usually filled already
     stats = cache.compute(clips, progress=False)
     if stats.failures:
-        raise ValueError("clips without features: " + "; ".join(
-            f"{path}: {reason}" for path, reason in stats.failures.items()))
+        raise BadAudioError(stats.failures)
     return training_bench.run(size, device, cache.load_many(clips),
                               input_name=f"the cached log-mels of {len(clips)} clips of "
                                          f"{request.data}")

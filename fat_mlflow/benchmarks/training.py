@@ -96,7 +96,7 @@ def training_rate(profile_name: str, arch: str, specs: Sequence[np.ndarray], bat
             inputs, y = next(training_batches(pool, targets, batch, cfg.crop_frames, rng))
             augmented_step(model, inputs, y, augment, generator, optimizer, loss_fn, device)
 
-    # train_step ends with loss.item(), which waits for the GPU: the timings are complete
+    # augmented_step ends with loss.item(), which waits for the GPU: the timings are complete
     seconds = median(timed(run_steps, repeats, warmup=1))
     return steps * batch / seconds, model
 
