@@ -12,17 +12,17 @@ import pwd
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg2
 import requests
+
+from fat_mlflow.processes import ServerError, free_port, stop_group, wait_until
 
 START_TIMEOUT_S = 180  # mlflow server needs ~1 min on a busy 2-core machine
 STOP_TIMEOUT_S = 30
@@ -30,45 +30,8 @@ DEBIAN_PG_BINDIRS = "/usr/lib/postgresql"  # apt's postgresql-NN puts its binari
 PG_SERVICE_USER = "postgres"  # PostgreSQL refuses to run as root: who runs it then
 
 
-class ServerError(RuntimeError):
-    """A server did not come up; the message ends with the tail of its log."""
-
-
 class PostgresUnavailable(ServerError):
     """PostgreSQL cannot run on this machine (no binaries, no user to run it as, failed start)."""
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def log_tail(log: Path, chars: int = 3000) -> str:
-    return log.read_text(errors="replace")[-chars:] if log.exists() else "(no log)"
-
-
-def wait_until(ready: Callable[[], bool], process: subprocess.Popen, log: Path, what: str,
-               error: type[ServerError] = ServerError) -> None:
-    """Poll `ready` until it holds; fail fast with the log when the process dies or hangs."""
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while not ready():
-        if process.poll() is not None:
-            raise error(f"{what} exited with code {process.returncode}:\n{log_tail(log)}")
-        if time.monotonic() > deadline:
-            raise error(f"{what} not up after {START_TIMEOUT_S} s:\n{log_tail(log)}")
-        time.sleep(0.3)
-
-
-def stop_group(process: subprocess.Popen, sig: signal.Signals) -> None:
-    """Send `sig` to the process group, then SIGKILL whatever is left of it after a grace time."""
-    if process.poll() is None:
-        os.killpg(process.pid, sig)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(timeout=STOP_TIMEOUT_S)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGKILL)  # a worker that outlived its parent
-    process.wait()
 
 
 @dataclass(frozen=True)
@@ -157,7 +120,7 @@ def postgres_database(user: str = "mlflow", name: str = "mlflow") -> Iterator[Da
             except psycopg2.OperationalError:
                 return False
 
-        wait_until(accepting, process, log, "postgres", PostgresUnavailable)
+        wait_until(accepting, process, log, "postgres", START_TIMEOUT_S, PostgresUnavailable)
         password = secrets.token_urlsafe(12)
         with contextlib.closing(connect_superuser()) as admin:
             admin.autocommit = True  # CREATE DATABASE cannot run in a transaction
@@ -167,7 +130,7 @@ def postgres_database(user: str = "mlflow", name: str = "mlflow") -> Iterator[Da
         yield Database(user, password, port, name)
     finally:
         if process is not None:
-            stop_group(process, signal.SIGINT)  # SIGINT = PostgreSQL's "fast" shutdown
+            stop_group(process, signal.SIGINT, STOP_TIMEOUT_S)  # SIGINT: "fast" shutdown
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -194,7 +157,7 @@ def mlflow_tracking_server(backend_store_uri: str, artifacts: Path, log: Path) -
             return False
 
     try:
-        wait_until(healthy, process, log, "mlflow server")
+        wait_until(healthy, process, log, "mlflow server", START_TIMEOUT_S)
         yield url
     finally:
-        stop_group(process, signal.SIGTERM)
+        stop_group(process, signal.SIGTERM, STOP_TIMEOUT_S)

@@ -22,11 +22,9 @@ import contextlib
 import dataclasses
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -53,6 +51,7 @@ from fat_mlflow.dataset import window_starts
 from fat_mlflow.ensemble import PIP_REQUIREMENTS
 from fat_mlflow.models import build_model, save_checkpoint
 from fat_mlflow.predict import predict_spectrograms
+from fat_mlflow.processes import free_port, stop_group, wait_until
 from fat_mlflow.tagger import (
     BASE64_COLUMN,
     SPEC_ARTIFACT,
@@ -138,18 +137,12 @@ def measure(predict: Callable[[list[str]], object], one: list[str], batch: list[
     return {"p50_ms": p50, "p95_ms": p95, "clips_per_s": len(batch) / seconds}
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextlib.contextmanager
 def served(model_uri: str, env: dict[str, str] | None = None, log_path: Path | None = None,
            timeout_s: float = 120) -> Iterator[str]:
     """`mlflow models serve` in its own process group while the block runs; yields its URL
     once /ping answers. A server that exits or stays silent raises with its log's tail."""
-    port = _free_port()
+    port = free_port()
     with contextlib.ExitStack() as stack:
         log = stack.enter_context(log_path.open("wb")) if log_path else subprocess.DEVNULL
         process = subprocess.Popen(
@@ -158,30 +151,18 @@ def served(model_uri: str, env: dict[str, str] | None = None, log_path: Path | N
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         url = f"http://127.0.0.1:{port}"
         try:
-            _wait_for_ping(url, process, timeout_s, model_uri, log_path)
+            wait_until(lambda: _pings(url), process, log_path, f"the server for {model_uri}",
+                       timeout_s)
             yield url
         finally:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(timeout=15)
+            stop_group(process, signal.SIGTERM, grace_s=15)
 
 
-def _wait_for_ping(url: str, process: subprocess.Popen, timeout_s: float, model_uri: str,
-                   log_path: Path | None) -> None:
-    deadline = time.monotonic() + timeout_s
-    while process.poll() is None and time.monotonic() < deadline:
-        try:
-            if requests.get(f"{url}/ping", timeout=2).status_code == 200:
-                return
-        except requests.ConnectionError:
-            time.sleep(0.5)
-    state = (f"exited with {process.returncode}" if process.poll() is not None
-             else f"did not answer within {timeout_s:.0f} s")
-    tail = log_path.read_text(errors="replace")[-3000:] if log_path else ""
-    raise RuntimeError(f"the server for {model_uri} {state}\n{tail}")
+def _pings(url: str) -> bool:
+    try:
+        return requests.get(f"{url}/ping", timeout=2).status_code == 200
+    except requests.ConnectionError:
+        return False
 
 
 def http_predict(url: str) -> Callable[[list[str]], object]:
