@@ -14,13 +14,12 @@ import runpy
 import shlex
 import shutil
 import subprocess
-import types
 from pathlib import Path
 
 import pytest
 import yaml
 from docker.utils.build import exclude_paths
-from kubernetes.client import ApiClient
+from kubernetes.client import ApiClient, V1Job
 from kubernetes.utils import parse_quantity
 from mlflow.projects import _parse_kubernetes_config
 from mlflow.projects import kubernetes as mlflow_kubernetes
@@ -61,6 +60,13 @@ def submit(entry_point: str, params: dict[str, str]) -> tuple[dict, str]:
         project.name, IMAGE_TAG, IMAGE_DIGEST, mlflow_kubernetes._get_run_command(command), env,
         template)
     return job, run.info.run_id
+
+
+def typed_job(job: dict) -> V1Job:
+    """The Job as the official client's typed model. Its models forbid unknown fields, so a
+    misspelt or misplaced field fails here, naming its path (kubernetes >= 37: the models are
+    pydantic models; `model_validate` is their public constructor from a dict)."""
+    return V1Job.model_validate(job)
 
 
 def container_of(job: dict) -> dict:
@@ -116,10 +122,8 @@ def test_stage_job_is_a_valid_kubernetes_job_running_the_local_command(
               "overrides": "train.epochs=3 augment.specmix=false"}
     job, run_id = submit("stage3", params)
 
-    # The official client's models know every field: a misspelt or misplaced one is dropped.
-    api = ApiClient()
-    model = api.deserialize(types.SimpleNamespace(data=json.dumps(job)), "V1Job")
-    assert api.sanitize_for_serialization(model) == job
+    # The official client's typed model takes every field and gives back the same document.
+    assert ApiClient().sanitize_for_serialization(typed_job(job)) == job
 
     container = container_of(job)
     assert DNS_LABEL.fullmatch(job["metadata"]["name"]), job["metadata"]["name"]
@@ -155,6 +159,21 @@ def test_stage_job_is_a_valid_kubernetes_job_running_the_local_command(
         resources["requests"]["memory"])
     assert parse_quantity(resources["requests"]["cpu"]) == int(env["OMP_NUM_THREADS"])
     assert all(parse_quantity(value) > 0 for value in resources["limits"].values())
+
+
+@pytest.mark.parametrize("path, field", [
+    (("spec", "template", "spec", "containers", 0), "imagePullPolicyy"),  # misspelt
+    (("spec",), "restartPolicy"),  # a pod field placed on the Job
+])
+def test_typed_job_refuses_a_misspelt_or_misplaced_field(tracking, path, field):
+    job, _ = submit("stage1", {"data": "/fat/data"})
+    typed_job(job)
+    place = job
+    for key in path:
+        place = place[key]
+    place[field] = "Never"
+    with pytest.raises(ValueError, match=field):
+        typed_job(job)
 
 
 def test_job_command_runs_the_stage_into_the_run_mlflow_created(tracking, demo_data):
