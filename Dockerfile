@@ -16,17 +16,18 @@ ENV PIP_NO_CACHE_DIR=1 \
 # torch first, from the wheel index the build asks for: the CPU wheels by default, a CUDA
 # index (pytorch.org lists them) for GPU nodes; the CUDA wheels bring their own CUDA
 # libraries, so the nodes need only the NVIDIA driver and device plugin.
+# The lock pins torch==X without a local label, so the CPU or CUDA build of that version fits.
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
-ARG TORCH_REQUIREMENT="torch>=2.2"
-RUN pip install --index-url "${TORCH_INDEX_URL}" "${TORCH_REQUIREMENT}"
-
 WORKDIR /opt/fat-mlflow
+COPY constraints.txt ./
+RUN pip install --index-url "${TORCH_INDEX_URL}" "$(grep '^torch==' constraints.txt)"
 
-# The other dependencies from pyproject.toml alone, so that a code change reuses this layer.
+# The other dependencies from pyproject.toml alone, at the lock's versions, so that a code
+# change reuses this layer.
 COPY pyproject.toml ./
 RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
         > /tmp/requirements.txt \
-    && pip install -r /tmp/requirements.txt \
+    && pip install -c constraints.txt -r /tmp/requirements.txt \
     && rm /tmp/requirements.txt
 
 COPY README.md ./

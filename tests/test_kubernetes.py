@@ -201,7 +201,7 @@ def test_job_command_runs_the_stage_into_the_run_mlflow_created(tracking, demo_d
 
 
 def test_dockerignore_keeps_local_state_out_of_the_build_context(tmp_path):
-    kept = ["pyproject.toml", "README.md", "fat_mlflow/cli.py", "kubernetes/run-entry-point",
+    kept = ["pyproject.toml", "constraints.txt", "README.md", "fat_mlflow/cli.py", "kubernetes/run-entry-point",
             "Dockerfile"]
     ignored = [".git/HEAD", "mlruns/0/meta.yaml", "mlartifacts/1/a.npz", "mlflow.db",
                "demo_data/train_curated.csv", ".fat_cache/abc/clip.npy",
