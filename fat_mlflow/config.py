@@ -69,8 +69,8 @@ class TrainConfig:
     eval_batch_size: int = 256
     seed: int = 42
     device: str = "auto"  # "auto", "cpu" or "cuda"
-    amp: bool = True  # on a GPU: bfloat16 autocast (ignored on the CPU)
-    channels_last: bool = True  # on a GPU: NHWC tensors for the convolutions
+    amp: bool = True  # bfloat16 autocast where the device has bf16 units (GPU, AMX/AVX512-BF16 CPU)
+    channels_last: bool = True  # NHWC convolutions (on the CPU from 16 channels on: precision.py)
     num_threads: int = 0  # 0: torch's default
 
 
@@ -127,16 +127,23 @@ class Profile:
         return replace(self, **sections)
 
 
+def parse_bool(raw: Any, name: str) -> bool:
+    """A switch given as a bool or as text (true/false, yes/no, on/off, 1/0)."""
+    if isinstance(raw, bool):
+        return raw
+    lowered = str(raw).strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError(f"{name}: expected a boolean, got {raw!r}")
+
+
 def _coerce(raw: Any, kind: type, name: str) -> Any:
+    if kind is bool:
+        return parse_bool(raw, name)
     if not isinstance(raw, str):
         return kind(raw)
-    if kind is bool:
-        lowered = raw.strip().lower()
-        if lowered in {"1", "true", "yes", "on"}:
-            return True
-        if lowered in {"0", "false", "no", "off"}:
-            return False
-        raise ValueError(f"{name}: expected a boolean, got {raw!r}")
     try:
         return kind(raw)
     except ValueError as error:

@@ -21,7 +21,7 @@ from torch import nn
 from fat_mlflow.config import Profile
 from fat_mlflow.metrics import lwlrap, per_sample_lwlrap
 from fat_mlflow.predict import predict_spectrograms
-from fat_mlflow.training import EpochLog, resolve_device, train_fold
+from fat_mlflow.training import EpochLog, train_fold, training_precision
 
 
 @dataclass
@@ -88,7 +88,7 @@ def run_cross_validation(
     (fresh, or warm-started from the earlier stage's fold model).
     """
     cfg = profile.train
-    device = resolve_device(cfg.device)
+    precision = training_precision(cfg)
     results = store.finished_folds()
     for fold in only_folds if only_folds is not None else range(cfg.n_folds):
         if fold in results:
@@ -109,18 +109,18 @@ def run_cross_validation(
             cfg, profile.augment, fold_seed, on_epoch=partial(store.log_epoch, fold),
             progress=progress, desc=f"fold {fold + 1}/{cfg.n_folds}",
         )
-        result = _score_fold(model, fold, sets, test, cfg, device)
+        result = _score_fold(model, fold, sets, test, cfg, precision)
         store.save_fold(result, model)
         results[fold] = result
     return assemble(sets, results, vocabulary, test)
 
 
-def _score_fold(model, fold, sets, test, cfg, device) -> FoldResult:
+def _score_fold(model, fold, sets, test, cfg, precision) -> FoldResult:
     def score(specs):
         if not specs:
             return np.zeros((0, len(next(iter(sets.values())).targets[0])), np.float32)
         return predict_spectrograms([model], specs, cfg.crop_frames, cfg.window_step,
-                                    cfg.eval_batch_size, device, amp=cfg.amp)
+                                    cfg.eval_batch_size, precision)
 
     oof, fold_lwlrap = {}, {}
     for name, clip_set in sets.items():

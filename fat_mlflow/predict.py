@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from fat_mlflow.dataset import window_batches
+from fat_mlflow.precision import Precision, resolve_precision
 
 
 @torch.inference_mode()
@@ -17,18 +18,21 @@ def predict_spectrograms(
     window: int = 128,
     step: int = 48,
     batch_size: int = 256,
-    device: torch.device | str = "cpu",
-    amp: bool = True,
+    precision: Precision | None = None,
 ) -> np.ndarray:
     """Mean sigmoid score per clip: averaged over its windows, then over `models`.
 
     Windows of many clips share one batch, and each batch is standardised once and fed
-    to every model, so an ensemble costs one preprocessing pass. On a GPU the models run
-    in bfloat16 autocast (as in training) unless `amp` is off.
+    to every model, so an ensemble costs one preprocessing pass. The models run as
+    `precision` says (as in training: bf16 autocast where the device has bf16 units); they
+    must already be on its device, in its layout (`Precision.prepare`). Default: the CPU,
+    float32.
     """
     if not models:
         raise ValueError("predict_spectrograms needs at least one model")
-    device = torch.device(device)
+    precision = precision or resolve_precision(torch.device("cpu"), amp=False,
+                                               channels_last=False)
+    device = precision.device
     n_classes = _output_size(models[0])
     sums = torch.zeros(len(specs), n_classes, dtype=torch.float64)
     counts = torch.zeros(len(specs), dtype=torch.float64)
@@ -36,10 +40,7 @@ def predict_spectrograms(
         model.eval()
     for inputs, clip_index in window_batches(specs, window, step, batch_size):
         inputs = inputs.to(device, non_blocking=True)
-        if device.type == "cuda":
-            inputs = inputs.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16,
-                            enabled=amp and device.type == "cuda"):
+        with precision.autocast():
             probs = sum(torch.sigmoid(model(inputs).float()) for model in models) / len(models)
         index = torch.from_numpy(clip_index)
         sums.index_add_(0, index, probs.double().cpu())

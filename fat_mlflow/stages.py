@@ -54,7 +54,7 @@ from fat_mlflow.tracking import (
     log_table,
     read_table,
 )
-from fat_mlflow.training import resolve_device
+from fat_mlflow.training import resolve_device, training_precision
 
 STAGES = ("stage1", "stage2", "stage3", "stage4")
 WARM_START_FROM = {"stage2": "stage1", "stage3": "stage2", "stage4": "stage3"}
@@ -300,6 +300,7 @@ def _train_folds(request: StageRequest, data: StageData, selection: pd.DataFrame
         return build_model(cfg.arch, len(vocabulary), cfg.width)
 
     store = MlflowFoldStore(run_id, cfg.arch, cfg.width, len(vocabulary))
+    store.record_precision(training_precision(cfg))
     return run_cross_validation(data.sets, training_masks(request.stage, data, selection),
                                 data.test, vocabulary, request.profile, make_model, store,
                                 progress=request.progress, only_folds=only_folds)

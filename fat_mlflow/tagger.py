@@ -37,9 +37,10 @@ from mlflow.types.schema import ColSpec, DataType, ParamSchema, ParamSpec, Schem
 from torch import nn
 
 from fat_mlflow.audio import AudioError, decode_audio_bytes, load_audio
-from fat_mlflow.config import FeatureConfig, ServingConfig
+from fat_mlflow.config import FeatureConfig, ServingConfig, parse_bool
 from fat_mlflow.features import log_mel
 from fat_mlflow.models import load_checkpoint
+from fat_mlflow.precision import Precision, resolve_precision
 from fat_mlflow.predict import predict_spectrograms
 
 PATH_COLUMN = "path"
@@ -163,9 +164,10 @@ def _check_declared_length(name: str | Path, source: Path | io.BytesIO,
 
 def ensemble_scores(members: Sequence[tuple[Sequence[nn.Module], MemberRun]],
                     specs: Sequence[np.ndarray], batch_size: int,
-                    device: torch.device) -> np.ndarray:
+                    precision: Precision) -> np.ndarray:
     """Mean over runs of each run's fold-averaged window scores; spectrograms are shared."""
-    per_run = [predict_spectrograms(models, specs, member.window, member.step, batch_size, device)
+    per_run = [predict_spectrograms(models, specs, member.window, member.step, batch_size,
+                                    precision)
                for models, member in members]
     return np.mean(per_run, axis=0, dtype=np.float64).astype(np.float32)
 
@@ -177,14 +179,20 @@ def top_labels(scores: np.ndarray, vocabulary: Sequence[str], k: int) -> list[st
 
 
 class FatTagger(mlflow.pyfunc.PythonModel):
-    """The pyfunc model: rows of audio in, one score per class (vocabulary order) out."""
+    """The pyfunc model: rows of audio in, one score per class (vocabulary order) out.
+
+    It scores in bfloat16 where the machine has bf16 units, like training; the model config
+    `{"amp": false}` (`mlflow.pyfunc.load_model(uri, model_config=...)`) keeps it in float32.
+    """
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         self.spec = EnsembleSpec.from_json(Path(context.artifacts[SPEC_ARTIFACT]).read_text())
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        amp = parse_bool((context.model_config or {}).get("amp", True), "model config 'amp'")
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.precision = resolve_precision(device, amp)
         self.members = [
-            ([load_checkpoint(context.artifacts[key], self.device) for key in member.checkpoints],
-             member)
+            ([self.precision.prepare(load_checkpoint(context.artifacts[key]))
+              for key in member.checkpoints], member)
             for member in self.spec.members
         ]
 
@@ -202,7 +210,8 @@ class FatTagger(mlflow.pyfunc.PythonModel):
                 errors[position] = f"row {label}: {error}"
         scores = np.full((len(frame), len(self.spec.vocabulary)), np.nan, dtype=np.float32)
         if specs:
-            scores[good] = ensemble_scores(self.members, specs, self.spec.batch_size, self.device)
+            scores[good] = ensemble_scores(self.members, specs, self.spec.batch_size,
+                                           self.precision)
         out = pd.DataFrame(scores, columns=list(self.spec.vocabulary), index=frame.index)
         out[ERROR_COLUMN] = errors
         if top_k:

@@ -25,6 +25,7 @@ from torch import nn
 
 from fat_mlflow.crossval import FoldResult
 from fat_mlflow.models import save_checkpoint
+from fat_mlflow.precision import Precision
 from fat_mlflow.training import EpochLog
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -185,6 +186,11 @@ class MlflowFoldStore:
 
     def finished_folds(self) -> dict[int, FoldResult]:
         return finished_folds(self.run_id)
+
+    def record_precision(self, precision: Precision) -> None:
+        """Tag the run with the number format its folds train in, and why (the machine's)."""
+        for key, value in precision.describe().items():
+            self.client.set_tag(self.run_id, key, value)
 
     def log_epoch(self, fold: int, log: EpochLog) -> None:
         metrics = {f"fold{fold}_train_loss": log.train_loss,

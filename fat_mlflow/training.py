@@ -18,6 +18,7 @@ from fat_mlflow.augment import build_batch_augment
 from fat_mlflow.config import AugmentConfig, TrainConfig
 from fat_mlflow.dataset import training_batches
 from fat_mlflow.metrics import lwlrap
+from fat_mlflow.precision import Precision, resolve_precision
 from fat_mlflow.predict import predict_spectrograms
 
 
@@ -36,6 +37,11 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} was asked for but no CUDA GPU is visible")
     return torch.device(name)
+
+
+def training_precision(cfg: TrainConfig) -> Precision:
+    """The device of `cfg` with bf16 autocast / channels_last as `cfg` asks and it affords."""
+    return resolve_precision(resolve_device(cfg.device), cfg.amp, cfg.channels_last)
 
 
 def steps_per_epoch(n_clips: int, batch_size: int) -> int:
@@ -59,21 +65,17 @@ def train_fold(
 ) -> list[EpochLog]:
     """Train `model` in place for `cfg.epochs` epochs; returns the per-epoch log.
 
-    On a GPU the forward/backward pass runs in bfloat16 autocast with channels_last
-    tensors unless `cfg` switches them off; on the CPU in float32. Everything random draws
-    from `seed`.
+    Where the device has bf16 matrix units (a GPU, an AMX or AVX512-BF16 CPU) the
+    forward/backward pass runs in bfloat16 autocast, with channels_last convolutions, unless
+    `cfg` switches them off (fat_mlflow.precision). Everything random draws from `seed`.
     """
-    device = resolve_device(cfg.device)
-    on_gpu = device.type == "cuda"
+    precision = training_precision(cfg)
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(seed)
     transform = build_batch_augment(augment)
-    model.to(device)
-    channels_last = on_gpu and cfg.channels_last
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
+    precision.prepare(model)
     n_steps = steps_per_epoch(len(train_specs), cfg.batch_size)
     if n_steps == 0:
         raise ValueError(f"{desc or 'fold'}: needs at least 2 training clips, got {len(train_specs)}")
@@ -91,13 +93,14 @@ def train_fold(
             train_specs, train_targets, cfg.batch_size, cfg.crop_frames, rng
         ):
             loss = augmented_step(model, inputs, targets, transform, generator, optimizer,
-                                  loss_fn, device, amp=cfg.amp, channels_last=channels_last)
+                                  loss_fn, precision)
             schedule.step()
             total_loss += loss * len(targets)
             seen += len(targets)
         train_seconds = time.perf_counter() - started
         validate = (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs
-        val_score = evaluate(model, val_specs, val_targets, cfg, device) if validate else float("nan")
+        val_score = (evaluate(model, val_specs, val_targets, cfg, precision) if validate
+                     else float("nan"))
         log = EpochLog(epoch, total_loss / seen, val_score, time.perf_counter() - started,
                        seen / train_seconds)
         history.append(log)
@@ -116,24 +119,20 @@ def augmented_step(
     generator: torch.Generator,
     optimizer: torch.optim.Optimizer,
     loss_fn: nn.Module,
-    device: torch.device,
-    amp: bool = True,
-    channels_last: bool = True,
+    precision: Precision,
 ) -> float:
-    """Move a batch to the device, augment it THERE, then take one optimiser step (by
-    default in bfloat16 with channels_last tensors on a GPU).
+    """Move a batch to the device, augment it THERE, then take one optimiser step in the
+    number format of `precision` (the model was prepared by it).
 
     The augmentations draw their randomness from `generator` (on the CPU) whatever the
     device, so a GPU run sees the same crops, partners and bands as a CPU run; only the
     pixel work moves to the GPU, where the per-sample zoom of a 128-clip batch would
     otherwise keep the network waiting.
     """
+    device = precision.device
     inputs, targets = transform(inputs.to(device, non_blocking=True),
                                 targets.to(device, non_blocking=True), generator)
-    if device.type == "cuda" and channels_last:
-        inputs = inputs.contiguous(memory_format=torch.channels_last)
-    with torch.autocast(device.type, dtype=torch.bfloat16,
-                        enabled=device.type == "cuda" and amp):
+    with precision.autocast():
         loss = loss_fn(model(inputs).float(), targets)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -146,11 +145,11 @@ def evaluate(
     specs: Sequence[np.ndarray],
     targets: np.ndarray,
     cfg: TrainConfig,
-    device: torch.device,
+    precision: Precision,
 ) -> float:
     """lwlrap on held-out clips with the cheap per-epoch windows; NaN when there are none."""
     if len(specs) == 0 or targets.sum() == 0:
         return float("nan")
     scores = predict_spectrograms([model], specs, cfg.crop_frames, cfg.val_window_step,
-                                  cfg.eval_batch_size, device, amp=cfg.amp)
+                                  cfg.eval_batch_size, precision)
     return lwlrap(targets, scores)

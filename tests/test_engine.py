@@ -94,9 +94,13 @@ def toy_sets(n=24, n_classes=4):
             "noisy": ClipSet("noisy", names, specs, targets, folds)}
 
 
+def toy_profile(**overrides):
+    return get_profile("tiny", {"train.crop_frames": "32", "train.window_step": "8",
+                                "train.val_window_step": "16", **overrides})
+
+
 def cross_validate(store, profile=None):
-    profile = profile or get_profile("tiny", {"train.crop_frames": "32", "train.window_step": "8",
-                                              "train.val_window_step": "16"})
+    profile = profile or toy_profile()
     sets = toy_sets()
     return run_cross_validation(
         sets, {"curated": np.ones(24, bool)}, None, ["a", "b", "c", "d"], profile,
@@ -119,10 +123,10 @@ def test_cross_validation_scores_both_sets_out_of_fold_and_resumes():
     pd.testing.assert_frame_equal(again.oof["noisy"], result.oof["noisy"])
 
 
-def test_same_seed_same_predictions_on_cpu():
-    first, second = cross_validate(MemoryStore()), cross_validate(MemoryStore())
+@pytest.mark.parametrize("amp", ["true", "false"], ids=["bf16-where-fast", "float32"])
+def test_same_seed_same_predictions_on_cpu(amp):
+    profile = toy_profile(**{"train.amp": amp})
+    first, second = cross_validate(MemoryStore(), profile), cross_validate(MemoryStore(), profile)
     pd.testing.assert_frame_equal(first.oof["curated"], second.oof["curated"])
-    other_seed = get_profile("tiny", {"train.crop_frames": "32", "train.window_step": "8",
-                                      "train.val_window_step": "16", "train.seed": "5"})
-    third = cross_validate(MemoryStore(), other_seed)
+    third = cross_validate(MemoryStore(), toy_profile(**{"train.amp": amp, "train.seed": "5"}))
     assert not np.allclose(third.oof["curated"]["a"], first.oof["curated"]["a"])

@@ -109,8 +109,13 @@ def test_scores_from_path_and_from_base64_are_identical(model, clips):
 def test_ensemble_weights_each_run_equally_over_its_folds(model, saved_model, clips):
     _, cnn_paths, vgg_paths = saved_model
     spec = log_mel(load_audio(clips["flac"], SR), FEATURES)
-    cnn = predict_spectrograms([load_checkpoint(p) for p in cnn_paths], [spec], 128, 48)
-    vgg = predict_spectrograms([load_checkpoint(p) for p in vgg_paths], [spec], 128, 48)
+    precision = model.unwrap_python_model().precision  # the same number format as served
+
+    def scores(paths):
+        models = [precision.prepare(load_checkpoint(p)) for p in paths]
+        return predict_spectrograms(models, [spec], 128, 48, precision=precision)
+
+    cnn, vgg = scores(cnn_paths), scores(vgg_paths)
     served = _scores(model.predict(pd.DataFrame({"path": [str(clips["flac"])]})))
     np.testing.assert_allclose(served, (cnn + vgg) / 2, atol=1e-6)
     assert np.abs(served - (2 * cnn + vgg) / 3).max() > 1e-6  # not a plain mean of 3 models

@@ -26,7 +26,8 @@ from fat_mlflow.crossval import ClipSet, FoldResult, run_cross_validation
 from fat_mlflow.metrics import lwlrap
 from fat_mlflow.models import build_model, flops_per_sample
 from fat_mlflow.predict import predict_spectrograms
-from fat_mlflow.training import EpochLog, resolve_device
+from fat_mlflow.precision import resolve_precision
+from fat_mlflow.training import EpochLog, resolve_device, training_precision
 
 
 @dataclass
@@ -128,8 +129,8 @@ def train_one_fold(packed: Packed, profile: Profile, fold: int = 0) -> dict:
         "split": clips.name, "seed": cfg.seed, "specmix": profile.augment.specmix,
         "mixup": profile.augment.mixup, "arch": cfg.arch, "width": cfg.width, "batch": cfg.batch_size, "epochs": cfg.epochs,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        "amp": cfg.amp and device.type == "cuda",
-        "channels_last": cfg.channels_last and device.type == "cuda",
+        "amp": training_precision(cfg).bfloat16,
+        "channels_last": cfg.channels_last,
         "train_clips": int((clips.folds != fold).sum()),
         "epoch_seconds_median": float(np.median([e.seconds for e in steady])),
         "samples_per_s": rate,
@@ -166,9 +167,12 @@ def inference_agreement(model: nn.Module, clips: ClipSet, profile: Profile,
     training drifts apart chaotically, inference must agree to rounding."""
     cfg = profile.train
     specs = clips.subset(clips.folds == fold).specs
-    scores = {(device, amp): predict_spectrograms([model.to(device)], specs, cfg.crop_frames,
-                                                  cfg.window_step, cfg.eval_batch_size, device,
-                                                  amp=amp)
+    def score(device: str, amp: bool) -> np.ndarray:
+        precision = resolve_precision(torch.device(device), amp, cfg.channels_last)
+        return predict_spectrograms([precision.prepare(model)], specs, cfg.crop_frames,
+                                    cfg.window_step, cfg.eval_batch_size, precision)
+
+    scores = {(device, amp): score(device, amp)
               for device, amp in (("cpu", False), ("cuda", False), ("cuda", True))}
     cpu = scores[("cpu", False)]
     return {"check": "inference_agreement", "clips": len(specs),

@@ -199,7 +199,7 @@ def run(clips: Sequence[Path], size: BenchmarkProfile, model_uri: str | None = N
         def single_model(rows: list[str]) -> object:
             specs = [clip_spectrogram(None, row, spec.features, spec.serving) for row in rows]
             return predict_spectrograms(fold_models[:1], specs, member.window, member.step,
-                                        spec.batch_size, tagger.device)
+                                        spec.batch_size, tagger.precision)
 
         def ensemble(rows: list[str]) -> object:
             return model.predict(pd.DataFrame({BASE64_COLUMN: rows}))

@@ -29,6 +29,7 @@ from fat_mlflow.benchmarks.common import Result, Table, machine_facts, median, p
 from fat_mlflow.config import get_profile
 from fat_mlflow.dataset import training_batches
 from fat_mlflow.models import build_model, count_parameters, flops_per_sample
+from fat_mlflow.precision import resolve_precision
 from fat_mlflow.training import augmented_step, resolve_device
 
 CONFIGS = (("quick", "cnn"), ("paper", "cnn"), ("paper", "vgg16"))  # (training profile, network)
@@ -83,9 +84,8 @@ def training_rate(profile_name: str, arch: str, specs: Sequence[np.ndarray], bat
     rng = np.random.default_rng(0)
     targets = np.eye(N_CLASSES, dtype=np.float32)[rng.integers(0, N_CLASSES, batch)]
     torch.manual_seed(0)
-    model = build_model(arch, N_CLASSES, cfg.width).to(device)
-    if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
+    precision = resolve_precision(device, cfg.amp, cfg.channels_last)
+    model = precision.prepare(build_model(arch, N_CLASSES, cfg.width))
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     augment = build_batch_augment(profile.augment)
     generator = torch.Generator().manual_seed(0)
@@ -94,7 +94,7 @@ def training_rate(profile_name: str, arch: str, specs: Sequence[np.ndarray], bat
     def run_steps() -> None:
         for _ in range(steps):
             inputs, y = next(training_batches(pool, targets, batch, cfg.crop_frames, rng))
-            augmented_step(model, inputs, y, augment, generator, optimizer, loss_fn, device)
+            augmented_step(model, inputs, y, augment, generator, optimizer, loss_fn, precision)
 
     # augmented_step ends with loss.item(), which waits for the GPU: the timings are complete
     seconds = median(timed(run_steps, repeats, warmup=1))
