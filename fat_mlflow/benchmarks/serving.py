@@ -244,7 +244,7 @@ def run(clips: Sequence[Path], size: BenchmarkProfile, model_uri: str | None = N
     title = (f"{source}; latency: {clip.name} ({clip_seconds:.1f} s, {n_windows} windows "
              f"after trimming), "
              f"{calls} calls; batch: {len(batch)} clips, {passes(repeats)}")
-    return Table("inference", title, COLUMNS, results, machine_facts(tagger.device))
+    return Table("inference", title, COLUMNS, results, machine_facts(tagger.precision.device))
 
 
 def main() -> None:
