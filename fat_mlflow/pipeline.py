@@ -35,7 +35,13 @@ from fat_mlflow.data import dataset_fingerprint, load_dataset
 from fat_mlflow.demo import build_demo_dataset
 from fat_mlflow.featurize import run_features
 from fat_mlflow.plots import plot_stage_table
-from fat_mlflow.stages import StageRequest, format_folds, gather_stage, run_stage
+from fat_mlflow.stages import (
+    StageRequest,
+    check_pipeline_data,
+    format_folds,
+    gather_stage,
+    run_stage,
+)
 from fat_mlflow.tracking import (
     TAG_COMPLETE,
     TAG_DATASET,
@@ -263,7 +269,9 @@ def run_pipeline(request: PipelineRequest) -> tuple[str, pd.DataFrame]:
     """features -> stage 1..4 per network -> ensemble; returns the parent run ID and Table 2."""
     configure_tracking()
     data = request.data or ensure_demo_data(request)
-    fingerprint = dataset_fingerprint(load_dataset(data))
+    dataset = load_dataset(data)
+    check_pipeline_data(dataset, request.profile)
+    fingerprint = dataset_fingerprint(dataset)
     with mlflow.start_run(run_name=f"pipeline-{request.profile.name}") as parent:
         parent_id = parent.info.run_id
         mlflow.set_tags({TAG_STAGE: "pipeline", TAG_DATASET: fingerprint, **request.tags})
