@@ -11,6 +11,8 @@ import numpy as np
 import pandas as pd
 
 SELECTION_COLUMNS = ["fname", "fold", "score", "labels"]
+# "lwlrap == 1" up to float noise: an imperfect clip of C classes is at least ~1/C**2 below 1
+PERFECT_TOLERANCE = 1e-9
 
 
 def _joined(tables: list[pd.DataFrame]) -> pd.DataFrame:
@@ -70,7 +72,8 @@ def select_by_agreement(
 
 def select_perfect(stage3_oof: pd.DataFrame, labels: pd.Series) -> pd.DataFrame:
     """Stage 4: clips the stage-3 model ranked perfectly (per-sample lwlrap == 1)."""
-    chosen = stage3_oof[np.isclose(stage3_oof["lwlrap"], 1.0)].copy()
+    chosen = stage3_oof[np.isclose(stage3_oof["lwlrap"], 1.0, rtol=0,
+                                   atol=PERFECT_TOLERANCE)].copy()
     chosen["score"] = chosen["lwlrap"]
     chosen["labels"] = chosen["fname"].map(labels)
     return chosen[SELECTION_COLUMNS].sort_values("fname").reset_index(drop=True)
