@@ -298,9 +298,9 @@ def _load(request: StageRequest) -> tuple[StageData, pd.DataFrame]:
     """Validate the request and its source runs, then load features and folds."""
     if request.stage not in STAGES:
         raise ValueError(f"unknown stage {request.stage!r}; one of {', '.join(STAGES)}")
-    configure_tracking()
     dataset = load_dataset(request.data)
     require_noisy(request.stage, dataset)
+    configure_tracking()
     check_sources(request, dataset_fingerprint(dataset))
     return load_stage_data(request, dataset, _source_folds(request))
 
