@@ -363,8 +363,9 @@ def run_ablations(request: AblationRequest, out_dir: Path, command: str) -> pd.D
         data=None, profile=request.profile, archs=["cnn"], esc50=request.esc50))
     dataset = load_dataset(data)
     if not dataset.has_test_truth:
-        raise DataLayoutError(f"{data / 'test_truth.csv'}: not found; the ablations compare "
-                              "test lwlrap, so the test clips need their labels")
+        raise DataLayoutError(f"{data / 'test_truth.csv'}: no labelled test clip (no such "
+                              "file, or no test clip at all); the ablations compare test "
+                              "lwlrap, so the test clips need their labels")
     runs = run_sweep(request, data)
     baseline = baseline_row(dataset, request.profile, request.cache_dir)
     files = write_report(runs, baseline, out_dir, command)

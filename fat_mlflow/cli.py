@@ -136,8 +136,9 @@ def _stage_command(stage: str, summary: str):
     @click.option("--threshold", type=float, default=0.5, show_default=True,
                   help="stage3: keep noisy clips with sqrt(lwlrap1*lwlrap2) >= this.",
                   hidden=stage != "stage3")
-    @click.option("--max-per-label-per-fold", type=int, default=5, show_default=True,
-                  help="stage3: at most this many selected clips per label and fold.",
+    @click.option("--max-per-label-per-fold", type=click.IntRange(min=0), default=5,
+                  show_default=True,
+                  help="stage3: at most this many selected clips per label and fold (0: no cap).",
                   hidden=stage != "stage3")
     @click.option("--folds", "fold_spec", default="all", show_default=True,
                   metavar="all|none|0-4|0,2,5",
@@ -207,8 +208,9 @@ def gather(run_id: str, data: str, cache_dir: Path | None) -> None:
               help="Model-registry name of the ensemble.")
 @click.option("--threshold", type=float, default=0.5, show_default=True,
               help="stage3: keep noisy clips with sqrt(lwlrap1*lwlrap2) >= this.")
-@click.option("--max-per-label-per-fold", type=int, default=5, show_default=True,
-              help="stage3: at most this many selected clips per label and fold.")
+@click.option("--max-per-label-per-fold", type=click.IntRange(min=0), default=5,
+              show_default=True,
+              help="stage3: at most this many selected clips per label and fold (0: no cap).")
 @click.option("--warm-start", type=bool, default=True, show_default=True,
               help="true: each stage starts from the previous stage's fold models (the "
                    "seed); false: every stage from scratch (the ablation).")
@@ -234,9 +236,12 @@ def pipeline(data, profile, overrides, seed, cache_dir, archs, esc50, registered
                               warm_start=warm_start, fold_jobs=fold_jobs)
     parent_id, table = run_pipeline(request)
     columns = [c for c in ("model", "lwlrap_noisy", "lwlrap_curated", "lwlrap_test",
-                           "selection_precision", "noisy_base_rate") if c in table]
+                           "selected_clips", "selection_precision", "noisy_base_rate")
+               if c in table]
     click.echo(f"\npipeline run {parent_id}: stage report (the seed's Table 2 on this data)")
-    click.echo(table[columns].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    click.echo(table[columns].to_string(index=False, na_rep="-",
+                                        float_format=lambda v: f"{v:.3f}",
+                                        formatters={"selected_clips": "{:.0f}".format}))
 
 # --- ensemble and serving commands (fat_mlflow.ensemble / fat_mlflow.tagger) below ---
 

@@ -59,7 +59,8 @@ class FatDataset:
 
     @property
     def has_test_truth(self) -> bool:
-        return "labels" in self.test.columns
+        """Test clips with labels to score them by (none without clips or test_truth.csv)."""
+        return "labels" in self.test.columns and len(self.test) > 0
 
     def targets(self, df: pd.DataFrame) -> np.ndarray:
         """Multi-hot (n, n_classes) float32 in vocabulary order."""
@@ -141,6 +142,10 @@ def _vocabulary(submission: pd.DataFrame, path: Path) -> list[str]:
     unnamed = [column for column in vocabulary if column.startswith("Unnamed:")]
     if unnamed:
         raise DataLayoutError(f"{path}: class column(s) without a name: {unnamed}")
+    if len(vocabulary) < 2:
+        raise DataLayoutError(
+            f"{path}: one class ({vocabulary[0]!r}); tagging ranks the classes of a clip "
+            "against each other (lwlrap), so it needs at least two")
     return vocabulary
 
 
@@ -234,7 +239,9 @@ def _parsed_labels(
             else f"{where}: empty label in {raw!r}"
             for label in bad
         ]
-        if not bad:
+        repeated = sorted({label for label in labels if label and labels.count(label) > 1})
+        problems += [f"{where}: label {label!r} given twice" for label in repeated]
+        if not bad and not repeated:
             out[fname] = labels
     return out
 

@@ -214,7 +214,7 @@ def build_ensemble(run_ids: list[str], registered_model: str = "fat2019-tagger",
             artifacts={**artifacts, SPEC_ARTIFACT: str(spec_path)},
             code_paths=[str(PACKAGE_DIR)], pip_requirements=PIP_REQUIREMENTS,
             signature=model_signature(spec.vocabulary),
-            input_example=(example_request(example_data.test["path"].iloc[0],
+            input_example=(example_request(_example_clip(example_data),
                                            spec.features.sample_rate)
                            if example_data is not None else None),
         )
@@ -225,6 +225,12 @@ def build_ensemble(run_ids: list[str], registered_model: str = "fat2019-tagger",
                             VersionScore(score, fingerprint), run_ids)
         mlflow.set_tag(TAG_COMPLETE, "true")
     return run.info.run_id, version
+
+
+def _example_clip(dataset: FatDataset) -> Path:
+    """The first test clip, or the first curated one of a dataset without test clips."""
+    clips = dataset.test["path"] if len(dataset.test) else dataset.curated["path"]
+    return clips.iloc[0]
 
 
 def _dataset_of(source: SourceRun) -> FatDataset | None:

@@ -3,6 +3,8 @@ from fat_mlflow.audio import AudioError
 from fat_mlflow.data import DataLayoutError
 from fat_mlflow.pipeline import FoldJobError
 from fat_mlflow.features import BadAudioError
+from fat_mlflow.folds import FoldSplitError
 from fat_mlflow.tracking import RunLookupError
 
-USER_ERRORS = (AudioError, DataLayoutError, BadAudioError, FoldJobError, RunLookupError)
+USER_ERRORS = (AudioError, DataLayoutError, BadAudioError, FoldJobError, FoldSplitError,
+               RunLookupError)

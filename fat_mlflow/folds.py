@@ -10,6 +10,13 @@ import pandas as pd
 from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
 
 FOLD_COLUMNS = ["set", "fname", "fold"]
+# training drops a trailing batch of one clip (batch norm), so a fold needs two clips to learn
+MIN_TRAINING_CLIPS = 2
+FOLDS_HINT = "add clips, or use fewer folds (--set train.n_folds=N)"
+
+
+class FoldSplitError(ValueError):
+    """A set has too few clips for the profile's folds; the message names the set and the fix."""
 
 
 def stratified_folds(targets: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
@@ -26,13 +33,34 @@ def stratified_folds(targets: np.ndarray, n_folds: int, seed: int) -> np.ndarray
 def assign_folds(
     sets: dict[str, tuple[pd.Series, np.ndarray]], n_folds: int, seed: int
 ) -> pd.DataFrame:
-    """{set name: (fnames, targets)} -> table set,fname,fold with each set split on its own."""
+    """{set name: (fnames, targets)} -> table set,fname,fold with each set split on its own.
+
+    Refused (FoldSplitError) when a set cannot be split so that every fold model has clips
+    of it to train on: the stages would otherwise fail in the middle of a run.
+    """
+    if n_folds < 2:
+        raise FoldSplitError(f"train.n_folds={n_folds}: cross-validation needs at least 2 folds")
     parts = [
         pd.DataFrame({"set": name, "fname": fnames.to_numpy(),
-                      "fold": stratified_folds(targets, n_folds, seed)})
+                      "fold": _trainable_folds(name, targets, n_folds, seed)})
         for name, (fnames, targets) in sets.items()
     ]
     return pd.concat(parts, ignore_index=True)[FOLD_COLUMNS]
+
+
+def _trainable_folds(name: str, targets: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
+    if len(targets) < n_folds:
+        raise FoldSplitError(f"the {name} set has {len(targets)} clip(s), fewer than the "
+                             f"{n_folds} folds (train.n_folds); {FOLDS_HINT}")
+    folds = stratified_folds(targets, n_folds, seed)
+    training = len(folds) - np.bincount(folds, minlength=n_folds)
+    short = np.flatnonzero(training < MIN_TRAINING_CLIPS)
+    if short.size:
+        raise FoldSplitError(
+            f"the {name} set: {len(folds)} clips in {n_folds} folds leave fold {short[0]} "
+            f"{training[short[0]]} clip(s) to train on; a fold needs at least "
+            f"{MIN_TRAINING_CLIPS}; {FOLDS_HINT}")
+    return folds
 
 
 def folds_for(table: pd.DataFrame, set_name: str, fnames: pd.Series) -> np.ndarray:

@@ -35,7 +35,13 @@ from fat_mlflow.data import dataset_fingerprint, load_dataset
 from fat_mlflow.demo import build_demo_dataset
 from fat_mlflow.featurize import run_features
 from fat_mlflow.plots import plot_stage_table
-from fat_mlflow.stages import StageRequest, format_folds, gather_stage, run_stage
+from fat_mlflow.stages import (
+    StageRequest,
+    check_pipeline_data,
+    format_folds,
+    gather_stage,
+    run_stage,
+)
 from fat_mlflow.tracking import (
     TAG_COMPLETE,
     TAG_DATASET,
@@ -253,7 +259,7 @@ def stage_table(chains: dict[str, dict[str, str]]) -> pd.DataFrame:
             metrics = client.get_run(run_id).data.metrics
             rows.append({"model": f"{arch} model{stage[-1]}", "arch": arch, "stage": stage,
                          "run_id": run_id,
-                         **{key: metrics.get(key) for key in
+                         **{key: metrics.get(key, np.nan) for key in
                             ("lwlrap_noisy", "lwlrap_curated", "lwlrap_test",
                              "selection_precision", "noisy_base_rate", "selected_clips")}})
     return pd.DataFrame(rows)
@@ -261,9 +267,11 @@ def stage_table(chains: dict[str, dict[str, str]]) -> pd.DataFrame:
 
 def run_pipeline(request: PipelineRequest) -> tuple[str, pd.DataFrame]:
     """features -> stage 1..4 per network -> ensemble; returns the parent run ID and Table 2."""
-    configure_tracking()
     data = request.data or ensure_demo_data(request)
-    fingerprint = dataset_fingerprint(load_dataset(data))
+    dataset = load_dataset(data)
+    check_pipeline_data(dataset, request.profile)  # before the tracking store is even opened
+    configure_tracking()
+    fingerprint = dataset_fingerprint(dataset)
     with mlflow.start_run(run_name=f"pipeline-{request.profile.name}") as parent:
         parent_id = parent.info.run_id
         mlflow.set_tags({TAG_STAGE: "pipeline", TAG_DATASET: fingerprint, **request.tags})
@@ -283,8 +291,8 @@ def run_pipeline(request: PipelineRequest) -> tuple[str, pd.DataFrame]:
         ensemble_row = build_and_register(ensemble_runs, data, request.registered_model)
         table = pd.concat([table, pd.DataFrame([ensemble_row])], ignore_index=True)
         log_table(table, "report/stage_table.csv")
-        mlflow.log_figure(plot_stage_table(table.dropna(subset=["lwlrap_test"], how="all")),
-                          "report/stage_table.png")
+        scored = table.dropna(subset=["lwlrap_noisy", "lwlrap_curated", "lwlrap_test"], how="all")
+        mlflow.log_figure(plot_stage_table(scored), "report/stage_table.png")
         mlflow.set_tag(TAG_PIPELINE, parent_id)
     return parent_id, table
 

@@ -11,6 +11,8 @@ import numpy as np
 import pandas as pd
 
 SELECTION_COLUMNS = ["fname", "fold", "score", "labels"]
+# "lwlrap == 1" up to float noise: an imperfect clip of C classes is at least ~1/C**2 below 1
+PERFECT_TOLERANCE = 1e-9
 
 
 def _joined(tables: list[pd.DataFrame]) -> pd.DataFrame:
@@ -33,19 +35,18 @@ def cap_per_label_per_fold(candidates: pd.DataFrame, cap: int) -> pd.DataFrame:
 
     Clips are taken in decreasing score (ties by fname, so the result is deterministic);
     a clip is kept only while every one of its labels still has room in its fold, and
-    then counts towards each of them.
+    then counts towards each of them. No candidate gives an empty table with the same
+    columns.
     """
     ordered = candidates.sort_values(["score", "fname"], ascending=[False, True])
     counts: Counter[tuple[int, str]] = Counter()
-    keep = []
-    for row in ordered.itertuples(index=False):
-        slots = [(row.fold, label) for label in row.labels]
+    kept: list[int] = []  # positions, so that keeping none still keeps every column
+    for position, row in enumerate(ordered.itertuples(index=False)):
+        slots = {(row.fold, label) for label in row.labels}
         if all(counts[slot] < cap for slot in slots):
             counts.update(slots)
-            keep.append(True)
-        else:
-            keep.append(False)
-    return ordered[keep].sort_values("fname").reset_index(drop=True)
+            kept.append(position)
+    return ordered.iloc[kept].sort_values("fname").reset_index(drop=True)
 
 
 def select_by_agreement(
@@ -57,7 +58,8 @@ def select_by_agreement(
 ) -> pd.DataFrame:
     """Stage 3: clips whose geometric mean of the two stages' lwlrap reaches `threshold`.
 
-    `labels` maps fname -> list of (noisy) labels; the cap applies per fold and label.
+    `labels` maps fname -> list of (noisy) labels; the cap applies per fold and label
+    (None or 0: no cap). No clip reaching the threshold gives an empty selection.
     """
     merged = _joined([stage1_oof, stage2_oof])
     merged["score"] = np.sqrt(merged["lwlrap_0"] * merged["lwlrap_1"])
@@ -70,7 +72,8 @@ def select_by_agreement(
 
 def select_perfect(stage3_oof: pd.DataFrame, labels: pd.Series) -> pd.DataFrame:
     """Stage 4: clips the stage-3 model ranked perfectly (per-sample lwlrap == 1)."""
-    chosen = stage3_oof[np.isclose(stage3_oof["lwlrap"], 1.0)].copy()
+    chosen = stage3_oof[np.isclose(stage3_oof["lwlrap"], 1.0, rtol=0,
+                                   atol=PERFECT_TOLERANCE)].copy()
     chosen["score"] = chosen["lwlrap"]
     chosen["labels"] = chosen["fname"].map(labels)
     return chosen[SELECTION_COLUMNS].sort_values("fname").reset_index(drop=True)

@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import click
 import mlflow
 import numpy as np
 import pandas as pd
@@ -22,9 +23,9 @@ import torch
 from mlflow.entities import Run
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from fat_mlflow.config import RUNTIME_SETTINGS, Profile, get_profile
+from fat_mlflow.config import RUNTIME_SETTINGS, Profile, TrainConfig, get_profile
 from fat_mlflow.crossval import ClipSet, CrossValResult, assemble, run_cross_validation
-from fat_mlflow.data import FatDataset, dataset_fingerprint, load_dataset
+from fat_mlflow.data import DataLayoutError, FatDataset, dataset_fingerprint, load_dataset
 from fat_mlflow.features import BadAudioError, FeatureCache
 from fat_mlflow.folds import assign_folds, folds_for
 from fat_mlflow.models import build_model, load_checkpoint
@@ -134,13 +135,41 @@ class StageData:
     bad_audio: dict[str, str]
 
 
+def training_sets(dataset: FatDataset) -> dict[str, pd.DataFrame]:
+    """The sets a stage splits into folds; a train_noisy.csv without clips counts as absent."""
+    sets = {"curated": dataset.curated}
+    if dataset.has_noisy and len(dataset.noisy):
+        sets["noisy"] = dataset.noisy
+    return sets
+
+
+def require_noisy(stage: str, dataset: FatDataset) -> None:
+    """Stage 1 trains on the noisy set alone: without noisy clips it stops before any run."""
+    if stage != "stage1" or "noisy" in training_sets(dataset):
+        return
+    problem = "lists no clips" if dataset.has_noisy else "not found"
+    raise DataLayoutError(f"{dataset.root / 'train_noisy.csv'}: {problem}; stage 1 trains on "
+                          "the noisy set, and every later stage builds on stage 1")
+
+
+def new_folds(dataset: FatDataset, sets: dict[str, pd.DataFrame], cfg: TrainConfig) -> pd.DataFrame:
+    """A fresh fold assignment of `sets`; FoldSplitError when a fold would have too few clips."""
+    return assign_folds({name: (frame["fname"], dataset.targets(frame))
+                         for name, frame in sets.items()}, cfg.n_folds, cfg.seed)
+
+
+def check_pipeline_data(dataset: FatDataset, profile: Profile) -> None:
+    """Stage 1's checks without computing features, so a pipeline that cannot train stops
+    before it starts any run: a noisy set, and folds that leave every fold model clips."""
+    require_noisy("stage1", dataset)
+    new_folds(dataset, training_sets(dataset), profile.train)
+
+
 def load_stage_data(request: StageRequest, dataset: FatDataset,
                     folds: pd.DataFrame | None) -> tuple[StageData, pd.DataFrame]:
     """Cached features + fold assignment (reused when an earlier run gave one)."""
     cache = FeatureCache(request.cache_dir, request.profile.features)
-    frames = {"curated": dataset.curated, "test": dataset.test}
-    if dataset.has_noisy:
-        frames["noisy"] = dataset.noisy
+    frames = {**training_sets(dataset), "test": dataset.test}
     stats = cache.compute([p for frame in frames.values() for p in frame["path"]],
                           progress=request.progress)
     if stats.failures and request.bad_audio != "skip":
@@ -150,9 +179,7 @@ def load_stage_data(request: StageRequest, dataset: FatDataset,
               for name, frame in frames.items()}
     training = {name: frames[name] for name in ("curated", "noisy") if name in frames}
     if folds is None:
-        folds = assign_folds({name: (frame["fname"], dataset.targets(frame))
-                              for name, frame in training.items()},
-                             request.profile.train.n_folds, request.profile.train.seed)
+        folds = new_folds(dataset, training, request.profile.train)
     sets = {name: ClipSet(name, list(frame["fname"]), cache.load_many(frame["path"]),
                           dataset.targets(frame), folds_for(folds, name, frame["fname"]))
             for name, frame in training.items()}
@@ -223,14 +250,28 @@ def select_noisy(request: StageRequest, data: StageData) -> pd.DataFrame | None:
     return None
 
 
-def training_masks(stage: str, data: StageData, selection: pd.DataFrame | None) -> dict[str, np.ndarray]:
+def selection_summary(request: StageRequest, selection: pd.DataFrame) -> str:
+    """The line a stage prints about its selection; an empty one is a normal outcome."""
+    cap = request.max_per_label_per_fold
+    rule = ("lwlrap == 1 under model 3" if request.stage == "stage4" else
+            f"sqrt(lwlrap1 * lwlrap2) >= {request.threshold}, "
+            + (f"at most {cap} per label and fold" if cap > 0 else "no cap per label"))
+    if len(selection):
+        return f"{request.stage}: {len(selection)} noisy clip(s) selected ({rule})"
+    return (f"{request.stage}: no noisy clip selected ({rule}); this stage trains on the "
+            "curated clips alone")
+
+
+def training_masks(stage: str, sets: dict[str, ClipSet],
+                   selection: pd.DataFrame | None) -> dict[str, np.ndarray]:
+    """The clips of each set that a stage trains on: stage 1 every noisy clip, the later
+    stages every curated clip plus the selected noisy ones (none when the selection is
+    empty, or in stage 2)."""
     if stage == "stage1":
-        if "noisy" not in data.sets:
-            raise ValueError("stage1 trains on the noisy set, and this dataset has none")
-        return {"noisy": np.ones(len(data.sets["noisy"].fnames), bool)}
-    masks = {"curated": np.ones(len(data.sets["curated"].fnames), bool)}
-    if selection is not None and "noisy" in data.sets:
-        masks["noisy"] = np.isin(data.sets["noisy"].fnames, selection["fname"])
+        return {"noisy": np.ones(len(sets["noisy"].fnames), bool)}
+    masks = {"curated": np.ones(len(sets["curated"].fnames), bool)}
+    if selection is not None and len(selection) and "noisy" in sets:
+        masks["noisy"] = np.isin(sets["noisy"].fnames, selection["fname"])
     return masks
 
 
@@ -257,8 +298,9 @@ def _load(request: StageRequest) -> tuple[StageData, pd.DataFrame]:
     """Validate the request and its source runs, then load features and folds."""
     if request.stage not in STAGES:
         raise ValueError(f"unknown stage {request.stage!r}; one of {', '.join(STAGES)}")
-    configure_tracking()
     dataset = load_dataset(request.data)
+    require_noisy(request.stage, dataset)
+    configure_tracking()
     check_sources(request, dataset_fingerprint(dataset))
     return load_stage_data(request, dataset, _source_folds(request))
 
@@ -272,6 +314,8 @@ def run_stage(request: StageRequest) -> str:
     """
     data, folds = _load(request)
     selection = select_noisy(request, data)
+    if selection is not None:
+        click.echo(selection_summary(request, selection))
     if request.folds is not None and request.resume_run_id:  # a job joining its stage run
         if request.folds:
             _fold_job(request, data, selection, request.resume_run_id)
@@ -301,7 +345,7 @@ def _train_folds(request: StageRequest, data: StageData, selection: pd.DataFrame
 
     store = MlflowFoldStore(run_id, cfg.arch, cfg.width, len(vocabulary))
     store.record_precision(training_precision(cfg))
-    return run_cross_validation(data.sets, training_masks(request.stage, data, selection),
+    return run_cross_validation(data.sets, training_masks(request.stage, data.sets, selection),
                                 data.test, vocabulary, request.profile, make_model, store,
                                 progress=request.progress, only_folds=only_folds)
 

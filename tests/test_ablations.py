@@ -160,6 +160,6 @@ def test_data_without_test_labels_is_refused_before_any_training(demo_data: Path
             (unlabelled / entry.name).symlink_to(entry)
     request = AblationRequest(profile=get_profile("tiny"), seeds=[0], esc50=tmp_path,
                               data=unlabelled)
-    with pytest.raises(DataLayoutError, match="test_truth.csv: not found"):
+    with pytest.raises(DataLayoutError, match="test_truth.csv: no labelled test clip"):
         run_ablations(request, tmp_path / "report", "fat-mlflow ablations")
     assert not mlflow.search_runs(search_all_experiments=True, output_format="list")

@@ -98,6 +98,26 @@ def test_test_clips_come_from_the_folder_when_the_submission_has_no_rows(tmp_pat
         ds.targets(ds.test)
 
 
+def test_an_empty_test_folder_gives_no_test_clips_and_nothing_to_score(tmp_path, wav_bytes):
+    root = write_layout(tmp_path, wav_bytes, curated=[("c1.wav", "Bark")], test=[], truth=[])
+    ds = load_dataset(root)
+    assert ds.test.empty and list(ds.test.columns) == ["fname", "labels", "path"]
+    assert not ds.has_test_truth  # test_truth.csv exists, but there is no clip to score
+
+
+def test_a_single_class_vocabulary_is_refused(tmp_path, wav_bytes):
+    root = write_layout(tmp_path, wav_bytes, curated=[("c1.wav", "Bark")])
+    pd.DataFrame({"fname": ["t1.wav"], "Bark": [0.0]}).to_csv(root / "sample_submission.csv",
+                                                              index=False)
+    assert f"{root / 'sample_submission.csv'}: one class ('Bark')" in layout_error(root)
+
+
+def test_a_label_given_twice_in_one_row(tmp_path, wav_bytes):
+    root = write_layout(tmp_path, wav_bytes, curated=[("c1.wav", "Bark, Purr,Bark")])
+    assert ("train_curated.csv line 2 (fname 'c1.wav'): label 'Bark' given twice"
+            in layout_error(root))
+
+
 @pytest.mark.parametrize("missing", ["train_curated.csv", "sample_submission.csv"])
 def test_missing_csv(tmp_path, wav_bytes, missing):
     root = write_layout(tmp_path, wav_bytes, curated=[("c1.wav", "Bark")])

@@ -375,3 +375,169 @@ def test_fold_killed_while_its_scores_were_copied_counts_as_unfinished(tracking,
     finished = MlflowFoldStore(run.info.run_id, "cnn", 0.125, 2).finished_folds()
     assert list(finished) == [0]
     np.testing.assert_array_equal(finished[0].oof["noisy"], np.ones((3, 2)))
+
+
+# --- 6. empty and degenerate data -------------------------------------------------------------
+
+def edit_table(root: Path, table: str, edit: Callable[[pd.DataFrame], pd.DataFrame]) -> None:
+    """Rewrite one CSV of a dataset copy through `edit` (every cell read as text)."""
+    path = root / table
+    edit(pd.read_csv(path, dtype=str, keep_default_na=False)).to_csv(path, index=False)
+
+
+@dataclasses.dataclass
+class DegenerateRun:
+    data: Path
+    uri: str
+    output: str
+    runs: dict[str, str]  # stage -> run ID
+    missing_class: str
+
+
+@pytest.fixture(scope="module")
+def degenerate_run(demo_data: Path, isolated_store,
+                   tmp_path_factory: pytest.TempPathFactory) -> DegenerateRun:
+    """One pipeline (`fat-mlflow pipeline`, 1 epoch per fold) on a small dataset with three
+    degenerate traits at once: a class with no curated clip, no test clip at all (empty
+    test/, header-only sample_submission.csv and test_truth.csv), and a threshold no clip
+    reaches, so stage 3 selects nothing."""
+    root = tmp_path_factory.mktemp("degenerate")
+    data = subset_copy(demo_data, root / "data")
+    curated = pd.read_csv(data / "train_curated.csv")
+    missing = curated["labels"].iloc[0]
+    edit_table(data, "train_curated.csv", lambda t: t[t["labels"] != missing])
+    for table in ("sample_submission.csv", "test_truth.csv"):
+        edit_table(data, table, lambda t: t.iloc[:0])
+    for clip in (data / "test").iterdir():
+        clip.unlink()
+    with isolated_store(root) as uri:
+        result = CliRunner().invoke(main, ["pipeline", "--profile", "tiny", "--set",
+                                           "train.epochs=1", "--data", str(data),
+                                           "--threshold", "1.01"])
+        assert result.exit_code == 0, result.output
+        parent = result.output.rsplit("pipeline run ", 1)[1].split(":")[0]
+        report = pd.read_csv(mlflow.artifacts.download_artifacts(
+            run_id=parent, artifact_path="report/stage_table.csv"))
+    return DegenerateRun(data, uri, result.output, dict(zip(report["stage"], report["run_id"])),
+                         missing)
+
+
+def test_empty_selection_trains_on_curated_clips_and_the_pipeline_registers(degenerate_run):
+    output = degenerate_run.output
+    assert ("stage3: no noisy clip selected (sqrt(lwlrap1 * lwlrap2) >= 1.01, at most 5 per "
+            "label and fold); this stage trains on the curated clips alone") in output
+    model3 = next(line for line in output.splitlines() if line.strip().startswith("cnn model3"))
+    assert model3.split()[5] == "0"  # the report's selected_clips column
+    client = MlflowClient(degenerate_run.uri)
+    stage3 = client.get_run(degenerate_run.runs["stage3"])
+    assert stage3.data.tags["fat.complete"] == "true"
+    assert stage3.data.metrics["selected_clips"] == 0
+    folder = artifact_dir(client, stage3.info.run_id)
+    assert (folder / "selection/selected.csv").read_text() == "fname,fold,score,labels\n"
+    assert (pd.read_csv(folder / "selection/label_counts.csv")["selected"] == 0).all()
+    assert fold_files(folder) >= {"folds/fold_0/model.pt", "folds/fold_1/model.pt"}
+    assert client.get_run(degenerate_run.runs["stage4"]).data.tags["fat.complete"] == "true"
+    version = client.get_model_version_by_alias("fat2019-tagger", "champion")
+    assert version.run_id == degenerate_run.runs["ensemble"]
+
+
+def test_a_class_without_curated_clip_still_trains(degenerate_run):
+    dataset = load_dataset(degenerate_run.data)
+    assert degenerate_run.missing_class in dataset.vocabulary
+    assert not any(degenerate_run.missing_class in labels for labels in dataset.curated["labels"])
+    client = MlflowClient(degenerate_run.uri)
+    for stage in ("stage2", "stage3", "stage4"):
+        run = client.get_run(degenerate_run.runs[stage])
+        assert 0 < run.data.metrics["lwlrap_curated"] <= 1, stage
+        oof = pd.read_csv(artifact_dir(client, run.info.run_id) / "oof/curated.csv")
+        assert sorted(oof["fname"]) == sorted(dataset.curated["fname"])
+        assert np.isfinite(oof[degenerate_run.missing_class]).all()
+
+
+def test_a_fold_without_some_class_still_trains_and_scores(degenerate_run):
+    client = MlflowClient(degenerate_run.uri)
+    stage2 = client.get_run(degenerate_run.runs["stage2"])
+    folder = artifact_dir(client, stage2.info.run_id)
+    folds = pd.read_csv(folder / "folds.csv").query("set == 'curated'")
+    labels = load_dataset(degenerate_run.data).curated.set_index("fname")["labels"]
+    classes_per_fold = [{label for fname in part["fname"] for label in labels[fname]}
+                        for _, part in folds.groupby("fold")]
+    assert classes_per_fold[0] != classes_per_fold[1]  # some class sits in one fold only
+    for fold in (0, 1):
+        assert 0 < stage2.data.metrics[f"fold{fold}_lwlrap_curated"] <= 1
+
+
+def test_a_dataset_without_test_clips_trains_and_registers_unscored(degenerate_run):
+    assert load_dataset(degenerate_run.data).test.empty
+    client = MlflowClient(degenerate_run.uri)
+    for stage in ("stage1", "stage2", "stage3", "stage4"):
+        run = client.get_run(degenerate_run.runs[stage])
+        assert "lwlrap_test" not in run.data.metrics
+        assert not (artifact_dir(client, run.info.run_id) / "test_scores.csv").exists()
+    ensemble = client.get_run(degenerate_run.runs["ensemble"])
+    assert ensemble.data.tags["fat.complete"] == "true"
+    assert "lwlrap_test" not in ensemble.data.metrics
+    version = client.get_model_version_by_alias("fat2019-tagger", "champion")
+    assert "lwlrap_test" not in version.tags
+
+
+def refusal(data: Path, *args: str) -> str:
+    """`fat-mlflow ...` on data it cannot train: exit 1, ONE line, no traceback, and the
+    tracking store (a SQLite file beside the data) not even created."""
+    store = data.parent / "mlflow.db"
+    result = CliRunner().invoke(main, [*args, "--data", str(data)],
+                                env={"MLFLOW_TRACKING_URI": f"sqlite:///{store}"})
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
+    assert not store.exists()
+    return result.output.strip()
+
+
+def pipeline_refusal(data: Path, *options: str) -> str:
+    return refusal(data, "pipeline", "--profile", "tiny", *options)
+
+
+@pytest.mark.parametrize("noisy", ["header only", "no file"])
+def test_an_empty_or_missing_noisy_set_stops_before_any_run(demo_data, tmp_path, noisy):
+    data = subset_copy(demo_data, tmp_path / "data")
+    if noisy == "header only":
+        edit_table(data, "train_noisy.csv", lambda t: t.iloc[:0])
+    else:
+        (data / "train_noisy.csv").unlink()
+    problem = "lists no clips" if noisy == "header only" else "not found"
+    expected = (f"Error: DataLayoutError: {data / 'train_noisy.csv'}: {problem}; stage 1 "
+                "trains on the noisy set")
+    assert pipeline_refusal(data).startswith(expected)
+    assert refusal(data, *STAGE1).startswith(expected)
+
+
+@pytest.mark.parametrize("table, rows, options, message", [
+    ("train_curated.csv", 1, [], "the curated set has 1 clip(s), fewer than the 2 folds"),
+    ("train_curated.csv", 2, [], "the curated set: 2 clips in 2 folds leave fold 0 1 clip(s) "
+                                 "to train on; a fold needs at least 2"),
+    ("train_noisy.csv", 1, [], "the noisy set has 1 clip(s), fewer than the 2 folds"),
+    ("train_noisy.csv", 24, ["--set", "train.n_folds=1"], "train.n_folds=1: cross-validation "
+                                                          "needs at least 2 folds"),
+], ids=["curated-1", "curated-2", "noisy-1", "one-fold"])
+def test_sets_too_small_for_the_folds_stop_before_any_run(demo_data, tmp_path, table, rows,
+                                                          options, message):
+    data = subset_copy(demo_data, tmp_path / "data")
+    edit_table(data, table, lambda t: t.head(rows))
+    line = pipeline_refusal(data, *options)
+    assert line.startswith("Error: FoldSplitError: ") and message in line
+    assert "--set train.n_folds=N" in line or "n_folds=1" in line
+
+
+def test_a_dataset_of_one_class_is_refused(demo_data, tmp_path):
+    data = subset_copy(demo_data, tmp_path / "data")
+    only = pd.read_csv(data / "train_curated.csv")["labels"].iloc[0]
+    for table in ("train_curated.csv", "train_noisy.csv", "test_truth.csv"):
+        edit_table(data, table, lambda t: t[t["labels"] == only])
+    kept = set(pd.read_csv(data / "test_truth.csv")["fname"])
+    edit_table(data, "sample_submission.csv", lambda t: t.loc[t["fname"].isin(kept),
+                                                              ["fname", only]])
+    assert pipeline_refusal(data) == (
+        f"Error: DataLayoutError: {data / 'sample_submission.csv'}: one class ({only!r}); "
+        "tagging ranks the classes of a clip against each other (lwlrap), so it needs at "
+        "least two")

@@ -6,8 +6,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from fat_mlflow.config import get_profile
+from fat_mlflow.crossval import ClipSet
 from fat_mlflow.data import load_dataset
-from fat_mlflow.stages import StageRequest, run_stage
+from fat_mlflow.selection import SELECTION_COLUMNS
+from fat_mlflow.stages import StageRequest, run_stage, selection_summary, training_masks
 from fat_mlflow.tracking import RunLookupError
 
 
@@ -112,3 +114,34 @@ def test_interrupted_stage_resumes_at_the_unfinished_fold(tiny_chain):
         for key in ("lwlrap_curated", "lwlrap_noisy", "lwlrap_test"):
             assert resumed.data.metrics[key] == pytest.approx(original.data.metrics[key], abs=1e-6)
         assert np.isfinite(resumed.data.metrics["fold1_lwlrap_curated"])
+
+
+def test_training_masks_of_each_stage_and_of_an_empty_selection():
+    def clip_set(name, n):
+        return ClipSet(name, [f"{name}{i}.wav" for i in range(n)], [], np.zeros((n, 2)),
+                       np.arange(n) % 2)
+
+    sets = {"curated": clip_set("c", 3), "noisy": clip_set("n", 4)}
+    picked = pd.DataFrame({"fname": ["n1.wav", "n3.wav"], "fold": [1, 1], "score": [1.0, 1.0],
+                           "labels": [["a"], ["b"]]})
+    empty = pd.DataFrame(columns=SELECTION_COLUMNS)
+    masks = {stage: {name: mask.tolist() for name, mask in
+                     training_masks(stage, sets, selection).items()}
+             for stage, selection in [("stage1", None), ("stage2", None), ("stage3", picked),
+                                      ("stage4", empty)]}
+    assert masks == {"stage1": {"noisy": [True] * 4},
+                     "stage2": {"curated": [True] * 3},
+                     "stage3": {"curated": [True] * 3, "noisy": [False, True, False, True]},
+                     "stage4": {"curated": [True] * 3}}  # an empty selection: curated alone
+
+
+def test_selection_summary_says_when_nothing_was_selected():
+    request = StageRequest(stage="stage3", data=None, profile=get_profile("tiny"),
+                           threshold=0.7, max_per_label_per_fold=0)
+    chosen = pd.DataFrame({"fname": ["n1.wav"]})
+    assert selection_summary(request, chosen) == (
+        "stage3: 1 noisy clip(s) selected (sqrt(lwlrap1 * lwlrap2) >= 0.7, no cap per label)")
+    request.stage = "stage4"
+    assert selection_summary(request, chosen.iloc[:0]) == (
+        "stage4: no noisy clip selected (lwlrap == 1 under model 3); this stage trains on the "
+        "curated clips alone")
