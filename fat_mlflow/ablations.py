@@ -22,10 +22,9 @@ import pandas as pd
 import torch
 from scipy import stats
 
-from fat_mlflow.baseline import baseline_scores, fit_logistic_baseline
+from fat_mlflow.baseline import floor_test_lwlrap
 from fat_mlflow.config import Profile
 from fat_mlflow.data import DataLayoutError, FatDataset, dataset_fingerprint, load_dataset
-from fat_mlflow.features import BadAudioError, FeatureCache
 from fat_mlflow.metrics import lwlrap
 from fat_mlflow.pipeline import PipelineRequest, ensure_demo_data, run_pipeline
 from fat_mlflow.plots import plot_ablations
@@ -196,24 +195,9 @@ def run_sweep(request: AblationRequest, data: Path) -> pd.DataFrame:
 
 
 def baseline_row(dataset: FatDataset, profile: Profile, cache_dir: Path | None) -> dict:
-    """Logistic-regression floor on the same cached features: curated only, and curated + noisy."""
-    training_sets = {"curated": [dataset.curated]}
-    if dataset.noisy_or_none is not None:
-        training_sets["curated_noisy"] = [dataset.curated, dataset.noisy]
-    cache = FeatureCache(cache_dir, profile.features)
-    every_clip = pd.concat([dataset.curated, dataset.noisy_or_none, dataset.test])["path"]
-    failures = cache.compute(list(every_clip), progress=False).failures
-    if failures:
-        raise BadAudioError(failures)
-    test_specs = cache.load_many(dataset.test["path"], mmap=False)
-    test_truth = dataset.targets(dataset.test)
-    row = {}
-    for label, parts in training_sets.items():
-        train = pd.concat(parts, ignore_index=True)
-        model = fit_logistic_baseline(cache.load_many(train["path"], mmap=False),
-                                      dataset.targets(train))
-        row[f"logreg_{label}_test"] = lwlrap(test_truth, baseline_scores(model, test_specs))
-    return row
+    """The logistic-regression floor on the same cached features (fat_mlflow.baseline)."""
+    return {f"logreg_{name}_test": value
+            for name, value in floor_test_lwlrap(dataset, profile.features, cache_dir).items()}
 
 
 def summarise(runs: pd.DataFrame) -> pd.DataFrame:
