@@ -192,7 +192,7 @@ def admitted_path(raw: str | os.PathLike, audio_root: Path | None) -> Path:
         raise AudioError(raw, PATHS_OFF)
     try:
         resolved = Path(raw).resolve()
-    except (OSError, ValueError):  # NUL byte, symlink loop
+    except (OSError, ValueError, RuntimeError):  # symlink loop, NUL byte; wherever it leads
         raise AudioError(raw, PATH_OUTSIDE) from None
     if not resolved.is_relative_to(audio_root):
         raise AudioError(raw, PATH_OUTSIDE)
@@ -208,8 +208,9 @@ def admitted_path(raw: str | os.PathLike, audio_root: Path | None) -> Path:
 
 
 def _read_path(path: Path, sample_rate: int, limits: ServingConfig) -> np.ndarray:
-    _check_size(path, path.stat().st_size, limits)
-    _check_declared_length(path, path, limits)
+    if path.is_file():  # else gone since admitted: load_audio says so
+        _check_size(path, path.stat().st_size, limits)
+        _check_declared_length(path, path, limits)
     return load_audio(path, sample_rate)
 
 

@@ -233,6 +233,7 @@ def audio_root(clips, tmp_path) -> dict[str, Path]:
     (root / "link_out.flac").symlink_to(outside)
     (root / "link_in.flac").symlink_to(root / "clip.flac")
     (root / "zero.wav").symlink_to("/dev/zero")
+    (root / "loop.wav").symlink_to(root / "loop.wav")
     os.mkfifo(root / "fifo.wav")
     return {"root": root, "outside": outside}
 
@@ -243,7 +244,7 @@ def test_only_regular_files_inside_the_audio_root_are_admitted(audio_root):
     assert admitted_path(str(root / "sub" / ".." / "link_in.flac"), root) == root / "clip.flac"
     outside = [audio_root["outside"], root / ".." / "outside.flac", root / "link_out.flac",
                root / "zero.wav", "/dev/zero", "/etc/passwd", "/etc/nonexistent",
-               f"{root}/sub/../../outside.flac", "bad\0name"]
+               f"{root}/sub/../../outside.flac", "bad\0name", root / "loop.wav"]
     for path in outside:
         with pytest.raises(AudioError) as refused:
             admitted_path(str(path), root)
