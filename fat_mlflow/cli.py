@@ -252,13 +252,15 @@ model_option = click.option("--model", "model_uri", default=DEFAULT_MODEL_URI, s
 
 
 def _load_tagger(model_uri: str):
+    """The model as a local command loads it: it reads the files its user names."""
     import mlflow
 
+    from fat_mlflow.tagger import load_local_model
     from fat_mlflow.tracking import configure_tracking
 
     configure_tracking()
     try:
-        return mlflow.pyfunc.load_model(model_uri)
+        return load_local_model(model_uri)
     except (mlflow.exceptions.MlflowException, OSError) as error:
         raise click.ClickException(f"cannot load model {model_uri}: {error}") from error
 

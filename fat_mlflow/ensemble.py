@@ -36,11 +36,10 @@ from fat_mlflow.stages import STAGES
 from fat_mlflow.submission import score_all
 from fat_mlflow.tagger import (
     BASE64_COLUMN,
-    SPEC_ARTIFACT,
     EnsembleSpec,
-    FatTagger,
     MemberRun,
-    model_signature,
+    load_local_model,
+    pyfunc_arguments,
 )
 from fat_mlflow.tracking import (
     PROFILE_ARTIFACT,
@@ -58,8 +57,6 @@ from fat_mlflow.tracking import (
     read_json,
 )
 
-PIP_REQUIREMENTS = ["mlflow", "torch", "librosa", "soundfile", "numpy", "pandas"]
-PACKAGE_DIR = Path(__file__).resolve().parent
 EXAMPLE_SECONDS = 2.0
 TAG_LWLRAP = "lwlrap_test"
 TAG_SOURCES = "source_run_ids"
@@ -202,18 +199,13 @@ def build_ensemble(run_ids: list[str], registered_model: str = "fat2019-tagger",
     with tempfile.TemporaryDirectory(prefix="fat-ensemble-") as tmp, \
             mlflow.start_run(run_name="ensemble", nested=mlflow.active_run() is not None) as run:
         spec, artifacts = ensemble_spec(sources)
-        spec_path = Path(tmp) / "ensemble.json"
-        spec_path.write_text(spec.to_json())
         mlflow.set_tags({TAG_STAGE: "ensemble", TAG_DATASET: fingerprint,
                          TAG_COMPLETE: "false"})
         mlflow.log_params({"source_run_ids": ",".join(run_ids), "registered_model": registered_model,
                            "alias": alias, "n_fold_models": len(artifacts),
                            "data": str(data or "")})
         info = mlflow.pyfunc.log_model(
-            name="tagger", python_model=FatTagger(),
-            artifacts={**artifacts, SPEC_ARTIFACT: str(spec_path)},
-            code_paths=[str(PACKAGE_DIR)], pip_requirements=PIP_REQUIREMENTS,
-            signature=model_signature(spec.vocabulary),
+            name="tagger", **pyfunc_arguments(spec, Path(tmp) / "ensemble.json", artifacts),
             input_example=(example_request(_example_clip(example_data),
                                            spec.features.sample_rate)
                            if example_data is not None else None),
@@ -243,7 +235,7 @@ def _dataset_of(source: SourceRun) -> FatDataset | None:
 
 def _log_evaluation(info: mlflow.models.model.ModelInfo, dataset: FatDataset,
                     progress: bool) -> float:
-    model = mlflow.pyfunc.load_model(info.model_uri)
+    model = load_local_model(info.model_uri)
     score, per_class, scores = evaluate(model, dataset, progress)
     mlflow.log_metric("lwlrap_test", score, model_id=info.model_id)
     log_table(scores, "test_scores.csv")

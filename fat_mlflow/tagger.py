@@ -9,17 +9,30 @@ source run counts equally whatever its number of folds).
 A bad row (undecodable, empty, silent, missing, over the size limits) never fails the batch:
 its scores are NaN and its `error` column says which row and why. A request without any audio
 column is rejected as a whole with INVALID_PARAMETER_VALUE, which the scoring server answers
-with HTTP 400. Note that `path` rows read files on the serving host: expose the server only to
-clients allowed to read those files, or send `audio_base64` only.
+with HTTP 400. The answer always has the columns the signature declares: one score per class,
+`error`, and `top_labels` (empty unless `params={"top_k": k}`), so Spark's `spark_udf` can
+build its result type from the signature alone.
+
+`path` rows make the process open files, so they are refused unless whoever loads the model
+names an audio root: the model config key `audio_root` (`mlflow.pyfunc.load_model(uri,
+model_config=...)`, `spark_udf(..., model_config=...)`) or, for `mlflow models serve`, the
+environment variable FAT_MLFLOW_AUDIO_ROOT. A path is then resolved (symlinks, `..`) and
+must be a regular file inside that root, checked with stat before anything is opened (a
+FIFO would block the reader); a path outside the root, or any path while path input is off,
+gets one refusal whether or not the file exists.
+Local, trusted callers (`fat-mlflow predict`, the ensemble's own evaluation) use
+`load_local_model`, whose root is the whole filesystem.
 """
 from __future__ import annotations
 
 import base64
 import binascii
 import dataclasses
+import importlib.metadata
 import io
 import json
 import os
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +47,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types.schema import ColSpec, DataType, ParamSchema, ParamSpec, Schema
+from packaging.requirements import Requirement
 from torch import nn
 
 from fat_mlflow.audio import AudioError, decode_audio_bytes, load_audio
@@ -49,6 +63,15 @@ INPUT_COLUMNS = (BASE64_COLUMN, PATH_COLUMN)
 ERROR_COLUMN = "error"
 TOP_LABELS_COLUMN = "top_labels"
 SPEC_ARTIFACT = "ensemble_spec"  # key of the JSON below among the pyfunc artifacts
+AUDIO_ROOT_CONFIG = "audio_root"  # model config key: folder whose files `path` rows may name
+AUDIO_ROOT_ENV = "FAT_MLFLOW_AUDIO_ROOT"  # the same for `mlflow models serve`
+LOCAL_AUDIO_ROOT = "/"  # trusted local callers may name any regular file
+PATHS_OFF = (f"refused: this model does not read files ({PATH_COLUMN} input is off); send the "
+             f"audio as {BASE64_COLUMN}")
+PATH_OUTSIDE = "refused: outside the folder this model may read"
+PACKAGE = "fat-mlflow"
+PACKAGE_DIR = Path(__file__).resolve().parent  # travels with the model (code_paths)
+MODEL_CODE = PACKAGE_DIR / "tagger_model.py"  # the model from code MLflow logs
 
 
 @dataclass(frozen=True)
@@ -91,25 +114,56 @@ class EnsembleSpec:
 
 
 def model_signature(vocabulary: Sequence[str]) -> ModelSignature:
-    """Inputs: optional string columns; outputs: one score per class, error, optional top-k."""
+    """Inputs: optional string columns; outputs: one score per class, error, top labels.
+
+    Every output column is always returned (`top_labels` empty when top_k is 0): a consumer
+    that builds its result type from this schema, like Spark's `spark_udf`, can fill it.
+    """
     inputs = Schema([ColSpec(DataType.string, column, required=False) for column in INPUT_COLUMNS])
     outputs = Schema(
         [ColSpec(DataType.float, label) for label in vocabulary]
-        + [ColSpec(DataType.string, ERROR_COLUMN),
-           ColSpec(DataType.string, TOP_LABELS_COLUMN, required=False)]
+        + [ColSpec(DataType.string, ERROR_COLUMN), ColSpec(DataType.string, TOP_LABELS_COLUMN)]
     )
     params = ParamSchema([ParamSpec("top_k", DataType.long, 0)])
     return ModelSignature(inputs=inputs, outputs=outputs, params=params)
 
 
+def pinned_requirements() -> list[str]:
+    """The package's runtime dependencies at the versions installed here, `name==version`.
+
+    Like MLflow's own requirement inference, a local build label is dropped (torch
+    `2.13.0+cpu` -> `torch==2.13.0`): the same release then resolves from a wheel folder of
+    CPU builds as well as from PyPI, which gives a GPU host its CUDA build.
+    """
+    declared = [Requirement(text) for text in importlib.metadata.requires(PACKAGE) or []]
+    names = [req.name for req in declared if req.marker is None]  # extras carry a marker
+    return [f"{name}=={importlib.metadata.version(name).split('+')[0]}" for name in names]
+
+
+def pyfunc_arguments(spec: EnsembleSpec, spec_path: Path,
+                     checkpoints: dict[str, str]) -> dict[str, Any]:
+    """What every saved tagger is made of (for `mlflow.pyfunc.save_model` / `log_model`):
+    the model code, the fold checkpoints and `spec` (written to `spec_path`), the package
+    code, pinned requirements, the signature, and a model config with path input off."""
+    spec_path.write_text(spec.to_json())
+    return {"python_model": str(MODEL_CODE),
+            "artifacts": {**checkpoints, SPEC_ARTIFACT: str(spec_path)},
+            "code_paths": [str(PACKAGE_DIR)], "pip_requirements": pinned_requirements(),
+            "signature": model_signature(spec.vocabulary),
+            "model_config": {AUDIO_ROOT_CONFIG: ""}}
+
+
 def clip_spectrogram(path: Any, encoded: Any, features: FeatureConfig,
-                     limits: ServingConfig) -> np.ndarray:
-    """Log-mel of one request row, given as a file path or base64 bytes (exactly one)."""
+                     limits: ServingConfig, audio_root: Path | None = None) -> np.ndarray:
+    """Log-mel of one request row, given as a file path or base64 bytes (exactly one).
+
+    A path is read only when it is a regular file inside `audio_root` (None: paths refused).
+    """
     has_path, has_bytes = _present(path), _present(encoded)
     if has_path and has_bytes:
         raise AudioError(PATH_COLUMN, f"both {PATH_COLUMN} and {BASE64_COLUMN} given; give one")
     if has_path:
-        wave = _read_path(Path(path), features.sample_rate, limits)
+        wave = _read_path(admitted_path(path, audio_root), features.sample_rate, limits)
         name = str(path)
     elif has_bytes:
         wave = _read_base64(encoded, features.sample_rate, limits)
@@ -127,8 +181,35 @@ def _present(value: Any) -> bool:
     return isinstance(value, os.PathLike) or (isinstance(value, str) and value != "")
 
 
+def admitted_path(raw: str | os.PathLike, audio_root: Path | None) -> Path:
+    """The regular file `raw` names, when it lies inside `audio_root`; refused otherwise.
+
+    Nothing is opened here: the path is resolved (relative to the working directory; `..`
+    and symlinks followed) and stat-ed, so a FIFO or device is refused without blocking.
+    Outside the root the refusal is one message whether or not the file exists; inside it the
+    reason is precise (those files are the client's to read anyway).
+    """
+    if audio_root is None:
+        raise AudioError(raw, PATHS_OFF)
+    try:
+        resolved = Path(raw).resolve()
+    except (OSError, ValueError, RuntimeError):  # symlink loop, NUL byte; wherever it leads
+        raise AudioError(raw, PATH_OUTSIDE) from None
+    if not resolved.is_relative_to(audio_root):
+        raise AudioError(raw, PATH_OUTSIDE)
+    try:
+        mode = resolved.stat().st_mode
+    except FileNotFoundError:
+        raise AudioError(raw, "file does not exist") from None
+    except OSError as error:
+        raise AudioError(raw, f"cannot be read ({error.strerror})") from None
+    if not stat.S_ISREG(mode):
+        raise AudioError(raw, "not a regular file (a directory, device or FIFO)")
+    return resolved
+
+
 def _read_path(path: Path, sample_rate: int, limits: ServingConfig) -> np.ndarray:
-    if path.is_file():
+    if path.is_file():  # else gone since admitted: load_audio says so
         _check_size(path, path.stat().st_size, limits)
         _check_declared_length(path, path, limits)
     return load_audio(path, sample_rate)
@@ -178,6 +259,25 @@ def top_labels(scores: np.ndarray, vocabulary: Sequence[str], k: int) -> list[st
     return [",".join(vocabulary[i] for i in row) for row in order]
 
 
+def audio_root_setting(model_config: dict[str, Any] | None) -> Path | None:
+    """The folder `path` rows may read: the model config's `audio_root`, else the
+    FAT_MLFLOW_AUDIO_ROOT variable; None (no file is read) when neither is set."""
+    value = (model_config or {}).get(AUDIO_ROOT_CONFIG) or os.environ.get(AUDIO_ROOT_ENV)
+    if not value:
+        return None
+    root = Path(value).resolve()
+    if not root.is_dir():
+        raise MlflowException(f"{AUDIO_ROOT_CONFIG} / {AUDIO_ROOT_ENV} = {value!r}: not an "
+                              "existing folder", error_code=INVALID_PARAMETER_VALUE)
+    return root
+
+
+def load_local_model(model_uri: str) -> mlflow.pyfunc.PyFuncModel:
+    """The tagger as a local, trusted caller loads it: `path` rows may name any regular file
+    (the user of a command line names their own files; a server's clients do not)."""
+    return mlflow.pyfunc.load_model(model_uri, model_config={AUDIO_ROOT_CONFIG: LOCAL_AUDIO_ROOT})
+
+
 class FatTagger(mlflow.pyfunc.PythonModel):
     """The pyfunc model: rows of audio in, one score per class (vocabulary order) out.
 
@@ -186,6 +286,7 @@ class FatTagger(mlflow.pyfunc.PythonModel):
     """
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+        self.audio_root = audio_root_setting(context.model_config)
         self.spec = EnsembleSpec.from_json(Path(context.artifacts[SPEC_ARTIFACT]).read_text())
         amp = parse_bool((context.model_config or {}).get("amp", True), "model config 'amp'")
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -204,7 +305,8 @@ class FatTagger(mlflow.pyfunc.PythonModel):
         rows = zip(frame.index, frame[PATH_COLUMN], frame[BASE64_COLUMN])
         for position, (label, path, encoded) in enumerate(rows):
             try:
-                specs.append(clip_spectrogram(path, encoded, self.spec.features, self.spec.serving))
+                specs.append(clip_spectrogram(path, encoded, self.spec.features, self.spec.serving,
+                                              self.audio_root))
                 good.append(position)
             except AudioError as error:
                 errors[position] = f"row {label}: {error}"
@@ -214,11 +316,11 @@ class FatTagger(mlflow.pyfunc.PythonModel):
                                            self.precision)
         out = pd.DataFrame(scores, columns=list(self.spec.vocabulary), index=frame.index)
         out[ERROR_COLUMN] = errors
+        labels = [""] * len(frame)
         if top_k:
-            labels = [""] * len(frame)
             for row, text in zip(good, top_labels(scores[good], self.spec.vocabulary, top_k)):
                 labels[row] = text
-            out[TOP_LABELS_COLUMN] = labels
+        out[TOP_LABELS_COLUMN] = labels
         return out
 
 

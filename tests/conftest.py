@@ -110,3 +110,34 @@ def tiny_chain(demo_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Tin
         parent, table = run_pipeline(request)
     runs = dict(zip(table["stage"], table["run_id"]))
     return TinyChain(root, uri, demo_data, parent, runs, table)
+
+
+@dataclasses.dataclass
+class RegisteredTagger:
+    """A tracking store holding a registered tagger (its alias `champion`)."""
+
+    root: Path
+    tracking_uri: str
+    model_uri: str
+
+    def store(self):
+        return isolated_tracking(self.root)
+
+
+@pytest.fixture(scope="session")
+def registered_tagger(demo_data: Path, tmp_path_factory: pytest.TempPathFactory) -> RegisteredTagger:
+    """A real tiny stage-1 run (one epoch) ensembled and registered: what serving and Spark
+    score. Built without `data`: test_ensemble.py covers the scoring; the input example comes
+    from the dataset recorded on the stage run."""
+    from fat_mlflow.config import get_profile
+    from fat_mlflow.ensemble import build_ensemble
+    from fat_mlflow.stages import StageRequest, run_stage
+
+    name = "fat2019-tagger-served"
+    root = tmp_path_factory.mktemp("served-store")
+    with isolated_tracking(root) as uri:
+        run_id = run_stage(StageRequest(stage="stage1", data=demo_data,
+                                        profile=get_profile("tiny", {"train.epochs": 1}),
+                                        cache_dir=root / "cache", progress=False))
+        build_ensemble([run_id], registered_model=name)
+    return RegisteredTagger(root, uri, f"models:/{name}@champion")

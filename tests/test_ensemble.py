@@ -6,6 +6,7 @@ end-to-end path through real training is in test_serving.py.
 """
 from __future__ import annotations
 
+import importlib.metadata
 import tempfile
 from pathlib import Path
 
@@ -16,6 +17,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
+from packaging.requirements import Requirement
+
+import fat_mlflow
 
 from fat_mlflow.cli import main
 from fat_mlflow.config import get_profile
@@ -120,11 +124,27 @@ def test_model_carries_signature_example_and_requirements(first_build, dataset):
     answer = model.predict(example)
     assert answer["error"].tolist() == [""]
     assert np.isfinite(answer[dataset.vocabulary].to_numpy()).all()
-    requirements = Path(mlflow.artifacts.download_artifacts(f"{uri}/requirements.txt")).read_text()
-    for package in ("mlflow", "torch", "librosa", "soundfile"):
-        assert package in requirements
-    code = Path(mlflow.artifacts.download_artifacts(f"{uri}/code"))
-    assert (code / "fat_mlflow" / "tagger.py").is_file()
+
+
+def test_model_is_code_with_pinned_requirements_and_the_package_inside(first_build):
+    _, version = first_build
+    folder = Path(mlflow.artifacts.download_artifacts(f"models:/{MODEL}/{version}"))
+    requirements = (folder / "requirements.txt").read_text().split()
+    declared = {Requirement(r).name for r in importlib.metadata.requires("fat-mlflow")
+                if "extra ==" not in r}
+    assert {Requirement(r).name for r in requirements} == declared
+    for line in requirements:
+        name, _, version_pin = line.partition("==")
+        assert version_pin, f"{line}: not pinned"
+        assert version_pin == importlib.metadata.version(name).split("+")[0], line
+    flavor = mlflow.models.Model.load(folder).flavors["python_function"]
+    assert flavor["loader_module"] == "mlflow.pyfunc.loaders.code_model"  # not a pickle
+    assert (folder / "tagger_model.py").is_file() and not list(folder.rglob("*.pkl"))
+    code = folder / flavor["code"] / "fat_mlflow"
+    shipped = {p.relative_to(code) for p in code.rglob("*.py")}
+    package = Path(fat_mlflow.__file__).parent
+    assert shipped == {p.relative_to(package) for p in package.rglob("*.py")}
+    assert flavor["config"] == {"audio_root": ""}  # path input off unless the loader says so
 
 
 def test_alias_moves_only_to_versions_that_are_not_worse(first_build, runs, small_data):

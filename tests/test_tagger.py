@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import os
 from pathlib import Path
 
 import mlflow
@@ -12,6 +13,7 @@ import pytest
 import soundfile as sf
 import torch
 from mlflow.exceptions import MlflowException
+from mlflow.types.schema import DataType
 
 from fat_mlflow.audio import AudioError, load_audio
 from fat_mlflow.config import FeatureConfig, ServingConfig
@@ -19,12 +21,15 @@ from fat_mlflow.features import log_mel
 from fat_mlflow.models import build_model, load_checkpoint, save_checkpoint
 from fat_mlflow.predict import predict_spectrograms
 from fat_mlflow.tagger import (
-    SPEC_ARTIFACT,
+    AUDIO_ROOT_CONFIG,
+    PATH_OUTSIDE,
+    PATHS_OFF,
     EnsembleSpec,
-    FatTagger,
     MemberRun,
+    admitted_path,
     clip_spectrogram,
-    model_signature,
+    load_local_model,
+    pyfunc_arguments,
 )
 
 VOCABULARY = ("dog", "rooster", "rain", "sea_waves", "crackling_fire")
@@ -69,17 +74,21 @@ def saved_model(tmp_path_factory) -> tuple[Path, list[Path], list[Path]]:
             checkpoints[keys[-1]] = str(path)
         members.append(MemberRun(f"run{index}", "stage2", arch, 128, 48, tuple(keys)))
     spec = EnsembleSpec(FEATURES, VOCABULARY, tuple(members), batch_size=32)
-    spec_path = folder / "ensemble.json"
-    spec_path.write_text(spec.to_json())
-    mlflow.pyfunc.save_model(folder / "model", python_model=FatTagger(),
-                             artifacts={**checkpoints, SPEC_ARTIFACT: str(spec_path)},
-                             signature=model_signature(VOCABULARY))
+    mlflow.pyfunc.save_model(folder / "model",
+                             **pyfunc_arguments(spec, folder / "ensemble.json", checkpoints))
     cnn = [folder / "cnn_0.pt", folder / "cnn_1.pt"]
     return folder / "model", cnn, [folder / "vgg16_0.pt"]
 
 
 @pytest.fixture(scope="module")
 def model(saved_model) -> mlflow.pyfunc.PyFuncModel:
+    """Loaded as a local caller does: path rows may name any regular file."""
+    return load_local_model(str(saved_model[0]))
+
+
+@pytest.fixture(scope="module")
+def served_model(saved_model) -> mlflow.pyfunc.PyFuncModel:
+    """Loaded as `mlflow models serve` does by default: no model config."""
     return mlflow.pyfunc.load_model(str(saved_model[0]))
 
 
@@ -100,7 +109,7 @@ def test_scores_from_path_and_from_base64_are_identical(model, clips):
     by_bytes = model.predict(pd.DataFrame({"audio_base64": [_b64(clips[n]) for n in names]}))
     assert (by_path["error"] == "").all() and (by_bytes["error"] == "").all()
     np.testing.assert_array_equal(_scores(by_path), _scores(by_bytes))
-    assert list(by_path.columns) == [*VOCABULARY, "error"]
+    assert list(by_path.columns) == [*VOCABULARY, "error", "top_labels"]
     assert ((_scores(by_path) > 0) & (_scores(by_path) < 1)).all()
     # the Ogg and its WAV re-encoding are the same sound: nearly the same scores
     np.testing.assert_allclose(_scores(by_path)[1], _scores(by_path)[2], atol=1e-3)
@@ -173,10 +182,97 @@ def test_request_without_audio_column_is_rejected_whole(model, clips):
 def test_oversized_clips_are_refused_before_decoding(clips):
     short = ServingConfig(max_clip_seconds=2.0)
     with pytest.raises(AudioError, match="over the limit of 2 s"):
-        clip_spectrogram(str(clips["flac"]), None, FEATURES, short)
+        clip_spectrogram(str(clips["flac"]), None, FEATURES, short, clips["flac"].parent)
     with pytest.raises(AudioError, match="over the limit of 2 s"):
         clip_spectrogram(None, _b64(clips["mp3"]), FEATURES, short)
     small = dataclasses.replace(ServingConfig(), max_clip_bytes=10_000)
     with pytest.raises(AudioError, match=r"MB of audio, over the limit"):
         clip_spectrogram(None, _b64(clips["wav"]), FEATURES, small)
-    assert clip_spectrogram(str(clips["wav"]), None, FEATURES, ServingConfig()).shape[0] == 128
+    assert clip_spectrogram(str(clips["wav"]), None, FEATURES, ServingConfig(),
+                            clips["wav"].parent).shape[0] == 128
+
+
+def _assert_matches_signature(out: pd.DataFrame, model: mlflow.pyfunc.PyFuncModel) -> None:
+    """The answer has exactly the declared output columns, in order, with the declared types."""
+    schema = model.metadata.get_output_schema()
+    assert list(out.columns) == schema.input_names()
+    for spec in schema.inputs:
+        column = out[spec.name]
+        if spec.type == DataType.float:
+            assert column.dtype == np.float32, spec.name
+        else:
+            assert all(isinstance(value, str) for value in column), spec.name
+
+
+@pytest.mark.parametrize("params", [None, {"top_k": 0}, {"top_k": 2}, {"top_k": len(VOCABULARY)}])
+def test_answer_matches_the_signature_in_every_case(model, clips, params):
+    good_and_bad = pd.DataFrame({"path": [str(clips["flac"]), "/nowhere/x.wav", None],
+                                 "audio_base64": [None, None, _b64(clips["ogg"])]})
+    all_bad = pd.DataFrame({"audio_base64": ["%%%"]})
+    for request in (good_and_bad, all_bad):
+        out = model.predict(request, params=params)
+        _assert_matches_signature(out, model)
+        k = (params or {}).get("top_k", 0)
+        assert [len(t.split(",")) if t else 0 for t in out["top_labels"]] == [
+            k if error == "" else 0 for error in out["error"]]
+
+
+def test_path_rows_are_refused_by_default_and_base64_still_scored(served_model, clips, tmp_path):
+    request = pd.DataFrame({"path": ["/etc/passwd", "/etc/nonexistent", str(clips["flac"]), None],
+                            "audio_base64": [None, None, None, _b64(clips["flac"])]})
+    out = served_model.predict(request)
+    for row, path in enumerate(request["path"][:3]):
+        assert out["error"][row] == f"row {row}: {path}: {PATHS_OFF}"
+        assert np.isnan(_scores(out)[row]).all()
+    assert out["error"][3] == "" and np.isfinite(_scores(out)[3]).all()
+
+
+@pytest.fixture()
+def audio_root(clips, tmp_path) -> dict[str, Path]:
+    """An allowed folder with a clip in it, and traps around and inside it."""
+    root = tmp_path / "allowed"
+    (root / "sub").mkdir(parents=True)
+    (root / "clip.flac").write_bytes(clips["flac"].read_bytes())
+    outside = tmp_path / "outside.flac"
+    outside.write_bytes(clips["flac"].read_bytes())
+    (root / "link_out.flac").symlink_to(outside)
+    (root / "link_in.flac").symlink_to(root / "clip.flac")
+    (root / "zero.wav").symlink_to("/dev/zero")
+    (root / "loop.wav").symlink_to(root / "loop.wav")
+    os.mkfifo(root / "fifo.wav")
+    return {"root": root, "outside": outside}
+
+
+def test_only_regular_files_inside_the_audio_root_are_admitted(audio_root):
+    root = audio_root["root"]
+    assert admitted_path(str(root / "clip.flac"), root) == root / "clip.flac"
+    assert admitted_path(str(root / "sub" / ".." / "link_in.flac"), root) == root / "clip.flac"
+    outside = [audio_root["outside"], root / ".." / "outside.flac", root / "link_out.flac",
+               root / "zero.wav", "/dev/zero", "/etc/passwd", "/etc/nonexistent",
+               f"{root}/sub/../../outside.flac", "bad\0name", root / "loop.wav"]
+    for path in outside:
+        with pytest.raises(AudioError) as refused:
+            admitted_path(str(path), root)
+        assert refused.value.reason == PATH_OUTSIDE, path
+    with pytest.raises(AudioError, match="not a regular file"):
+        admitted_path(str(root / "fifo.wav"), root)  # stat only: opening it would block
+    with pytest.raises(AudioError, match="not a regular file"):
+        admitted_path(str(root / "sub"), root)
+    with pytest.raises(AudioError, match="file does not exist"):
+        admitted_path(str(root / "gone.wav"), root)
+    with pytest.raises(AudioError) as off:
+        admitted_path(str(root / "clip.flac"), None)
+    assert off.value.reason == PATHS_OFF
+
+
+def test_model_config_names_the_audio_root(saved_model, audio_root, clips):
+    root = audio_root["root"]
+    model = mlflow.pyfunc.load_model(str(saved_model[0]),
+                                     model_config={AUDIO_ROOT_CONFIG: str(root)})
+    out = model.predict(pd.DataFrame({"path": [str(root / "clip.flac"), str(audio_root["outside"])]}))
+    assert out["error"].tolist() == ["", f"row 1: {audio_root['outside']}: {PATH_OUTSIDE}"]
+    alone = model.predict(pd.DataFrame({"audio_base64": [_b64(clips["flac"])]}))
+    np.testing.assert_array_equal(_scores(out)[:1], _scores(alone))
+    with pytest.raises(MlflowException, match="not an existing folder"):
+        mlflow.pyfunc.load_model(str(saved_model[0]),
+                                 model_config={AUDIO_ROOT_CONFIG: str(root / "clip.flac")})

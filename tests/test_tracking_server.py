@@ -25,7 +25,7 @@ from servers import Database, PostgresUnavailable, mlflow_tracking_server, postg
 
 from fat_mlflow.data import load_dataset
 from fat_mlflow.models import load_checkpoint
-from fat_mlflow.tagger import ERROR_COLUMN
+from fat_mlflow.tagger import ERROR_COLUMN, TOP_LABELS_COLUMN, load_local_model
 from fat_mlflow.tracking import configure_tracking
 
 pytestmark = pytest.mark.slow
@@ -147,10 +147,10 @@ def test_configure_tracking_follows_the_variable_and_loads_the_champion(
     monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
     assert configure_tracking() == server.url
     assert mlflow.get_tracking_uri() == server.url
-    model = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion")
+    model = load_local_model(f"models:/{MODEL}@champion")
     dataset = load_dataset(demo_data)
     scored = model.predict(pd.DataFrame({"path": dataset.test["path"].head(2)}))
     assert scored[ERROR_COLUMN].tolist() == ["", ""]
-    scores = scored.drop(columns=[ERROR_COLUMN]).to_numpy(float)
+    scores = scored.drop(columns=[ERROR_COLUMN, TOP_LABELS_COLUMN]).to_numpy(float)
     assert scores.shape == (2, len(dataset.vocabulary))
     assert ((scores >= 0) & (scores <= 1)).all()

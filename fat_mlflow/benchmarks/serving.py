@@ -48,18 +48,17 @@ from fat_mlflow.benchmarks.common import (
 from fat_mlflow.benchmarks.features import benchmark_clips
 from fat_mlflow.config import PROFILES, FeatureConfig
 from fat_mlflow.dataset import window_starts
-from fat_mlflow.ensemble import PIP_REQUIREMENTS
 from fat_mlflow.models import build_model, save_checkpoint
 from fat_mlflow.predict import predict_spectrograms
 from fat_mlflow.processes import free_port, stop_group, wait_until
 from fat_mlflow.tagger import (
     BASE64_COLUMN,
-    SPEC_ARTIFACT,
     EnsembleSpec,
     FatTagger,
     MemberRun,
     clip_spectrogram,
-    model_signature,
+    load_local_model,
+    pyfunc_arguments,
 )
 
 N_CLASSES = 80  # FAT2019's vocabulary size: the head's cost
@@ -91,18 +90,14 @@ def save_tagger(folder: Path, archs: Sequence[str], runs_per_arch: int, n_folds:
             members.append(MemberRun(f"{arch}{run}", f"stage{run + 2}", arch, train.crop_frames,
                                      train.window_step, tuple(keys)))
     spec = EnsembleSpec(FeatureConfig(), vocabulary, tuple(members), train.eval_batch_size)
-    (folder / "ensemble.json").write_text(spec.to_json())
     target = folder / "model"
-    mlflow.pyfunc.save_model(target, python_model=FatTagger(),
-                             artifacts={**artifacts, SPEC_ARTIFACT: str(folder / "ensemble.json")},
-                             signature=model_signature(vocabulary),
-                             pip_requirements=PIP_REQUIREMENTS)
+    mlflow.pyfunc.save_model(target, **pyfunc_arguments(spec, folder / "ensemble.json", artifacts))
     return target
 
 
 def load_tagger(model_uri: str) -> tuple[mlflow.pyfunc.PyFuncModel, FatTagger]:
-    """The pyfunc model as serving loads it, and the FatTagger inside (its fold models)."""
-    model = mlflow.pyfunc.load_model(model_uri)
+    """The pyfunc model as a local caller loads it, and the FatTagger inside (its fold models)."""
+    model = load_local_model(model_uri)
     tagger = model.unwrap_python_model()
     if not isinstance(tagger, FatTagger):
         raise ValueError(f"{model_uri} is a {type(tagger).__name__}, not a fat-mlflow tagger")
@@ -121,7 +116,8 @@ def latency_clip(clips: Sequence[Path], tagger: FatTagger) -> tuple[Path, float,
     member = tagger.spec.members[0]
 
     def windows(clip: Path) -> int:
-        spec = clip_spectrogram(str(clip), None, tagger.spec.features, tagger.spec.serving)
+        spec = clip_spectrogram(str(clip), None, tagger.spec.features, tagger.spec.serving,
+                                tagger.audio_root)
         return len(window_starts(spec.shape[1], member.window, member.step))
 
     counts = {clip: windows(clip) for clip in candidates}
