@@ -66,6 +66,8 @@ SPEC_ARTIFACT = "ensemble_spec"  # key of the JSON below among the pyfunc artifa
 AUDIO_ROOT_CONFIG = "audio_root"  # model config key: folder whose files `path` rows may name
 AUDIO_ROOT_ENV = "FAT_MLFLOW_AUDIO_ROOT"  # the same for `mlflow models serve`
 LOCAL_AUDIO_ROOT = "/"  # trusted local callers may name any regular file
+AMP_CONFIG = "amp"  # model config key: bfloat16 where the machine has bf16 units (default on)
+AMP_ENV = "FAT_MLFLOW_AMP"  # the same for `mlflow models serve` and `fat-mlflow predict`
 PATHS_OFF = (f"refused: this model does not read files ({PATH_COLUMN} input is off); send the "
              f"audio as {BASE64_COLUMN}")
 PATH_OUTSIDE = "refused: outside the folder this model may read"
@@ -272,6 +274,19 @@ def audio_root_setting(model_config: dict[str, Any] | None) -> Path | None:
     return root
 
 
+def amp_setting(model_config: dict[str, Any] | None) -> bool:
+    """bf16 where the machine has bf16 units (the default), or float32: the model config's
+    `amp` when a caller passes one, else the FAT_MLFLOW_AMP variable (`mlflow models serve`,
+    `fat-mlflow predict`)."""
+    value = (model_config or {}).get(AMP_CONFIG)
+    if value is None:
+        value = os.environ.get(AMP_ENV, "true")
+    try:
+        return parse_bool(value, f"{AMP_CONFIG} / {AMP_ENV}")
+    except ValueError as error:
+        raise MlflowException(str(error), error_code=INVALID_PARAMETER_VALUE) from error
+
+
 def load_local_model(model_uri: str) -> mlflow.pyfunc.PyFuncModel:
     """The tagger as a local, trusted caller loads it: `path` rows may name any regular file
     (the user of a command line names their own files; a server's clients do not)."""
@@ -281,16 +296,15 @@ def load_local_model(model_uri: str) -> mlflow.pyfunc.PyFuncModel:
 class FatTagger(mlflow.pyfunc.PythonModel):
     """The pyfunc model: rows of audio in, one score per class (vocabulary order) out.
 
-    It scores in bfloat16 where the machine has bf16 units, like training; the model config
-    `{"amp": false}` (`mlflow.pyfunc.load_model(uri, model_config=...)`) keeps it in float32.
+    It scores in bfloat16 where the machine has bf16 units, like training; `amp` false (model
+    config, or FAT_MLFLOW_AMP=false) keeps it in float32.
     """
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         self.audio_root = audio_root_setting(context.model_config)
         self.spec = EnsembleSpec.from_json(Path(context.artifacts[SPEC_ARTIFACT]).read_text())
-        amp = parse_bool((context.model_config or {}).get("amp", True), "model config 'amp'")
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.precision = resolve_precision(device, amp)
+        self.precision = resolve_precision(device, amp_setting(context.model_config))
         self.members = [
             ([self.precision.prepare(load_checkpoint(context.artifacts[key]))
               for key in member.checkpoints], member)

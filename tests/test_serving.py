@@ -15,12 +15,20 @@ import numpy as np
 import pandas as pd
 import pytest
 import requests
+import torch
 from click.testing import CliRunner
 
 from fat_mlflow.benchmarks.serving import served
 from fat_mlflow.cli import main
 from fat_mlflow.data import load_dataset
-from fat_mlflow.tagger import AUDIO_ROOT_ENV, PATH_OUTSIDE, PATHS_OFF, load_local_model
+from fat_mlflow.precision import bf16_units
+from fat_mlflow.tagger import (
+    AMP_ENV,
+    AUDIO_ROOT_ENV,
+    PATH_OUTSIDE,
+    PATHS_OFF,
+    load_local_model,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -41,13 +49,25 @@ def uri(registered_tagger) -> str:
     return registered_tagger.model_uri
 
 
+def _serve(registered: str, uri: str, log: Path, **settings: str):
+    """`mlflow models serve` of the champion in its own process group; always terminated."""
+    env = {key: value for key, value in os.environ.items()
+           if key not in (AUDIO_ROOT_ENV, AMP_ENV)}
+    return served(uri, env={**env, "MLFLOW_TRACKING_URI": registered, **settings}, log_path=log,
+                  timeout_s=START_TIMEOUT_S)
+
+
 @pytest.fixture(scope="module")
 def server(registered, uri, tmp_path_factory) -> str:
-    """`mlflow models serve` of the champion in its own process group; always terminated."""
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    env = {key: value for key, value in os.environ.items() if key != AUDIO_ROOT_ENV}
-    with served(uri, env={**env, "MLFLOW_TRACKING_URI": registered}, log_path=log,
-                timeout_s=START_TIMEOUT_S) as url:
+    with _serve(registered, uri, tmp_path_factory.mktemp("server") / "server.log") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def float32_server(registered, uri, tmp_path_factory) -> str:
+    """The same model served in float32 (FAT_MLFLOW_AMP=false) on a machine with bf16 units."""
+    with _serve(registered, uri, tmp_path_factory.mktemp("server32") / "server.log",
+                **{AMP_ENV: "false"}) as url:
         yield url
 
 
@@ -64,7 +84,15 @@ def _invoke(url: str, payload) -> requests.Response:
     return requests.post(f"{url}/invocations", json=payload, timeout=ANSWER_TIMEOUT_S)
 
 
-def test_served_scores_match_in_process_and_cli(server, uri, clips, tmp_path):
+@pytest.mark.parametrize("mode", ["server", "float32_server"])
+def test_served_scores_match_in_process_and_cli(request, mode, uri, clips, tmp_path,
+                                                monkeypatch):
+    """In either number format: the served, in-process and command-line scores agree."""
+    server = request.getfixturevalue(mode)
+    if mode == "float32_server":
+        monkeypatch.setenv(AMP_ENV, "false")  # in process and `fat-mlflow predict` alike
+    else:
+        monkeypatch.delenv(AMP_ENV, raising=False)
     payload = {"dataframe_split": {"columns": ["audio_base64"],
                                    "data": [[_base64(p)] for p in clips["path"]]},
                "params": {"top_k": 3}}
@@ -72,6 +100,8 @@ def test_served_scores_match_in_process_and_cli(server, uri, clips, tmp_path):
     assert response.status_code == 200, response.text
     served = pd.DataFrame(response.json()["predictions"])
     model = load_local_model(uri)
+    assert model.unwrap_python_model().precision.bfloat16 is (
+        mode == "server" and bf16_units(torch.device("cpu")) is not None)
     vocabulary = [c for c in model.metadata.get_output_schema().input_names()
                   if c not in ("error", "top_labels")]
     local = model.predict(pd.DataFrame({"path": list(clips["path"])}), params={"top_k": 3})
