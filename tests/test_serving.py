@@ -189,9 +189,8 @@ def audio_root(clips, tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def rooted_server(registered, uri, audio_root, tmp_path_factory) -> str:
     """The same model served with path input on for one folder (FAT_MLFLOW_AUDIO_ROOT)."""
-    log = tmp_path_factory.mktemp("rooted-server") / "server.log"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": registered, AUDIO_ROOT_ENV: str(audio_root["root"])}
-    with served(uri, env=env, log_path=log, timeout_s=START_TIMEOUT_S) as url:
+    with _serve(registered, uri, tmp_path_factory.mktemp("rooted-server") / "server.log",
+                **{AUDIO_ROOT_ENV: str(audio_root["root"])}) as url:
         yield url
 
 
