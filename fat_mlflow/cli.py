@@ -11,7 +11,8 @@ import click
 
 from fat_mlflow.benchmarks import BENCHMARK_PROFILES
 from fat_mlflow.config import PROFILES, Profile, get_profile, parse_overrides
-from fat_mlflow.demo import ESC50_ENV, default_esc50_dir
+from fat_mlflow.demo import CLIP_CHOICES
+from fat_mlflow.esc50 import SOURCES_HELP
 
 def _profile(name: str, overrides: tuple[str, ...], seed: int | None) -> Profile:
     try:
@@ -78,14 +79,22 @@ def main() -> None:
     """
 
 
+esc50_option = click.option(
+    "--esc50", type=click.Path(file_okay=False, path_type=Path), default=None,
+    help=f"ESC-50 folder for the demo data ({SOURCES_HELP}).")
+
+
 @main.command("demo-data")
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--esc50", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              default=None, help=f"ESC-50 folder (default ${ESC50_ENV} or ../shared/data/esc50).")
+@esc50_option
 @click.option("--seed", type=int, default=0, show_default=True, help="Split and noise seed.")
 @click.option("--scale", type=float, default=1.0, show_default=True,
               help="Shrink (<1) every set, e.g. 0.2 for a seconds-long smoke test.")
-def demo_data(out_dir: Path, esc50: Path | None, seed: int, scale: float) -> None:
+@click.option("--clips", type=click.Choice(CLIP_CHOICES), default="demo", show_default=True,
+              help="'demo': the 909 ESC-50 clips of the README's figures (the same dataset from "
+                   "any ESC-50 copy); 'all': every clip of the ESC-50 folder (2,000 in the "
+                   "release), a larger demo.")
+def demo_data(out_dir: Path, esc50: Path | None, seed: int, scale: float, clips: str) -> None:
     """Build the demo dataset (FAT2019 layout) from real ESC-50 clips into OUT_DIR.
 
     Curated = clean single-label clips; noisy = longer concatenated/mixed clips with
@@ -93,8 +102,9 @@ def demo_data(out_dir: Path, esc50: Path | None, seed: int, scale: float) -> Non
     clips and mixtures with test_truth.csv. No source recording spans two splits.
     """
     from fat_mlflow.demo import build_demo_dataset
+    from fat_mlflow.esc50 import locate_esc50
 
-    summary = build_demo_dataset(esc50 or default_esc50_dir(), out_dir, seed=seed, scale=scale)
+    summary = build_demo_dataset(locate_esc50(esc50), out_dir, seed=seed, scale=scale, clips=clips)
     for key, value in summary.items():
         click.echo(f"{key}: {value}")
 
@@ -201,8 +211,7 @@ def gather(run_id: str, data: str, cache_dir: Path | None) -> None:
 @click.option("--archs", default="", metavar="cnn[,vgg16]",
               help="Networks to train through every stage and ensemble "
                    "(default: cnn for quick/tiny, cnn,vgg16 for paper).")
-@click.option("--esc50", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="ESC-50 folder for the demo data when --data is not given.")
+@esc50_option
 @click.option("--registered-model", default="fat2019-tagger", show_default=True,
               help="Model-registry name of the ensemble.")
 @click.option("--threshold", type=float, default=0.5, show_default=True,
@@ -228,7 +237,7 @@ def pipeline(data, profile, overrides, seed, cache_dir, archs, esc50, registered
     arch_list = [a.strip() for a in archs.split(",") if a.strip()] or (
         ["cnn", "vgg16"] if chosen.name == "paper" else ["cnn"])
     request = PipelineRequest(data=Path(data) if data else None, profile=chosen, archs=arch_list,
-                              esc50=esc50 or default_esc50_dir(), cache_dir=cache_dir,
+                              esc50=esc50, cache_dir=cache_dir,
                               registered_model=registered_model, threshold=threshold,
                               max_per_label_per_fold=max_per_label_per_fold,
                               warm_start=warm_start, fold_jobs=fold_jobs)
@@ -343,8 +352,7 @@ def tag(files: tuple[Path, ...], model_uri: str, top_k: int) -> None:
 @click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path),
               default=Path("docs/results"), show_default=True,
               help="Where ablations.md, the CSVs and the figures are written.")
-@click.option("--esc50", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="ESC-50 folder for the demo data when --data is not given.")
+@esc50_option
 def ablations(data, profile, overrides, cache_dir, seeds, only, jobs, out_dir, esc50):
     """Quality ablations (SpecMix, mixup, warm start, single fold) over several seeds.
 
@@ -365,7 +373,7 @@ def ablations(data, profile, overrides, cache_dir, seeds, only, jobs, out_dir, e
     names = [n.strip() for n in only.split(",") if n.strip()] or list(ABLATIONS)
     try:
         request = AblationRequest(profile=_profile(profile, overrides, None), seeds=seed_list,
-                                  esc50=esc50 or default_esc50_dir(),
+                                  esc50=esc50,
                                   data=Path(data) if data else None, names=names,
                                   cache_dir=cache_dir, jobs=jobs)
     except ValueError as error:
@@ -391,8 +399,7 @@ def ablations(data, profile, overrides, cache_dir, seeds, only, jobs, out_dir, e
               help="FAT2019-layout dataset whose clips are measured (and whose cached "
                    "log-mels feed the training benchmark); empty = ESC-50 clips.")
 @click.option("--esc50", default="", metavar="DIRECTORY",
-              help=f"ESC-50 folder when --data is empty (default ${ESC50_ENV} or "
-                   "../shared/data/esc50).")
+              help=f"ESC-50 folder when --data is empty ({SOURCES_HELP}).")
 @click.option("--model-uri", default="", metavar="URI",
               help="Tagger to measure (e.g. models:/fat2019-tagger@champion); empty = an "
                    "untrained ensemble in the quick pipeline's shape.")

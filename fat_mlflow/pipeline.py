@@ -32,7 +32,8 @@ from mlflow.tracking import MlflowClient
 
 from fat_mlflow.config import Profile
 from fat_mlflow.data import dataset_fingerprint, load_dataset
-from fat_mlflow.demo import build_demo_dataset
+from fat_mlflow.demo import SUMMARY_FILE, build_demo_dataset
+from fat_mlflow.esc50 import locate_esc50
 from fat_mlflow.featurize import run_features
 from fat_mlflow.plots import plot_stage_table
 from fat_mlflow.stages import StageRequest, format_folds, gather_stage, run_stage
@@ -48,7 +49,6 @@ from fat_mlflow.tracking import (
 )
 
 TAG_INPUTS = "fat.inputs_hash"
-DEMO_MARKER = "sample_submission.csv"
 LOG_TAIL_CHARS = 3000
 # `fat-mlflow` run by this very interpreter: the console script may not be on the PATH
 JOB_ENTRY = "from fat_mlflow.cli import main; main(prog_name='fat-mlflow')"
@@ -63,7 +63,7 @@ class PipelineRequest:
     data: Path | None
     profile: Profile
     archs: list[str]
-    esc50: Path
+    esc50: Path | None = None  # None: found or downloaded by esc50.locate_esc50
     demo_dir: Path = Path("demo_data")
     registered_model: str = "fat2019-tagger"
     threshold: float = 0.5
@@ -212,9 +212,11 @@ def run_fold_jobs(request: StageRequest, n_jobs: int) -> None:
 
 
 def ensure_demo_data(request: PipelineRequest) -> Path:
-    if not (request.demo_dir / DEMO_MARKER).exists():
-        click.echo(f"building the demo dataset in {request.demo_dir} from {request.esc50}")
-        build_demo_dataset(request.esc50, request.demo_dir, seed=0)
+    """The demo dataset in `request.demo_dir`, built first (once, even by concurrent runs)."""
+    if not (request.demo_dir / SUMMARY_FILE).is_file():
+        esc50 = locate_esc50(request.esc50)
+        click.echo(f"building the demo dataset in {request.demo_dir} from {esc50}")
+        build_demo_dataset(esc50, request.demo_dir, seed=0, reuse=True)
     return request.demo_dir
 
 
