@@ -45,6 +45,7 @@ from fat_mlflow.tracking import (
     configure_tracking,
     finished_folds,
     get_run,
+    log_dataset_inputs,
     log_table,
 )
 
@@ -265,10 +266,13 @@ def run_pipeline(request: PipelineRequest) -> tuple[str, pd.DataFrame]:
     """features -> stage 1..4 per network -> ensemble; returns the parent run ID and Table 2."""
     configure_tracking()
     data = request.data or ensure_demo_data(request)
-    fingerprint = dataset_fingerprint(load_dataset(data))
+    dataset = load_dataset(data)
+    fingerprint = dataset_fingerprint(dataset)
     with mlflow.start_run(run_name=f"pipeline-{request.profile.name}") as parent:
         parent_id = parent.info.run_id
         mlflow.set_tags({TAG_STAGE: "pipeline", TAG_DATASET: fingerprint, **request.tags})
+        log_dataset_inputs(dataset, fingerprint, ["curated", "noisy"] if dataset.has_noisy
+                           else ["curated"])
         # "pipeline." keys: `mlflow run` already logged the raw entry-point parameters
         mlflow.log_params({"pipeline.data": str(data), "pipeline.archs": ",".join(request.archs),
                            "pipeline.threshold": request.threshold,

@@ -25,9 +25,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import soundfile as sf
-from click.testing import CliRunner
 
-from fat_mlflow.cli import main
 from fat_mlflow.data import load_dataset
 from fat_mlflow.demo import build_demo_dataset, demo_clip_names
 from fat_mlflow.esc50 import Esc50Error, fetch_esc50
@@ -273,7 +271,6 @@ def test_transfer_that_keeps_failing_and_no_connection_fail_in_one_line(server, 
 FULL_DISK = """
 import resource, sys
 resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]), int(sys.argv[1])))
-from fat_mlflow.cli import main
 main(sys.argv[2:])
 """
 
