@@ -298,20 +298,35 @@ def ensemble(run_ids: str, registered_model: str, alias: str, data: str) -> None
               default=None, help="Folder of the clips a CSV SOURCE names (default: test/ beside it).")
 @click.option("--batch-clips", type=click.IntRange(min=1), default=16, show_default=True,
               help="Clips scored per model call.")
+@click.option("--bad-audio", type=click.Choice(["stop", "skip"]), default="stop",
+              show_default=True,
+              help="Clips that cannot be scored are left out of the submission, listed one per "
+                   "line and in OUTPUT's .errors.csv; 'stop' then exits with status 1, 'skip' "
+                   "with 0.")
 def predict(model_uri: str, source: Path, output: Path, audio_dir: Path | None,
-            batch_clips: int) -> None:
+            batch_clips: int, bad_audio: str) -> None:
     """Score SOURCE (an audio folder, or a CSV such as sample_submission.csv) into a Kaggle
-    submission: fname + one column per class in the model's vocabulary order."""
-    from fat_mlflow.submission import SubmissionError, list_clips, make_submission
+    submission: fname + one column per class in the model's vocabulary order.
+
+    Every clip that can be scored is written. An interrupted run (Ctrl-C, a killed job)
+    continues where it stopped when run again with the same OUTPUT and model."""
+    from fat_mlflow.submission import list_clips, write_submission
 
     clips, classes = list_clips(source, audio_dir)
     model = _load_tagger(model_uri)
-    try:
-        submission = make_submission(model, clips, classes, batch_clips)
-    except SubmissionError as error:
-        raise click.ClickException(str(error)) from error
-    submission.to_csv(output, index=False)
-    click.echo(f"wrote {len(submission)} rows to {output}")
+    result = write_submission(model, clips, output, classes, batch_clips)
+    resumed = f" ({result.n_resumed} scored by an interrupted run)" if result.n_resumed else ""
+    click.echo(f"wrote {result.n_written} rows to {output}{resumed}")
+    if result.failures:
+        click.echo(f"{len(result.failures)} of {len(clips)} clip(s) could not be scored, left out "
+                   f"and listed in {result.errors_csv}:", err=True)
+        for error in result.failures.values():
+            click.echo(f"  {error}", err=True)
+        if bad_audio == "stop":
+            raise click.ClickException(
+                f"{len(result.failures)} clip(s) could not be scored; fix or remove them and "
+                "rerun (only they are scored again), or pass --bad-audio skip to accept the "
+                "submission without them")
 
 
 @main.command()
