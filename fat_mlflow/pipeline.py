@@ -32,7 +32,7 @@ from mlflow.tracking import MlflowClient
 
 from fat_mlflow.config import Profile
 from fat_mlflow.data import dataset_fingerprint, load_dataset
-from fat_mlflow.demo import SUMMARY_FILE, build_demo_dataset
+from fat_mlflow.demo import SUMMARY_FILE, DemoExistsError, build_demo_dataset
 from fat_mlflow.esc50 import locate_esc50
 from fat_mlflow.featurize import run_features
 from fat_mlflow.plots import plot_stage_table
@@ -215,6 +215,9 @@ def run_fold_jobs(request: StageRequest, n_jobs: int) -> None:
 def ensure_demo_data(request: PipelineRequest) -> Path:
     """The demo dataset in `request.demo_dir`, built first (once, even by concurrent runs)."""
     if not (request.demo_dir / SUMMARY_FILE).is_file():
+        if request.demo_dir.is_dir() and any(request.demo_dir.iterdir()):  # before any download
+            raise DemoExistsError(f"{request.demo_dir}: not empty, and not a whole demo dataset "
+                                  f"(no {SUMMARY_FILE}); remove it or pass --data")
         esc50 = locate_esc50(request.esc50)
         click.echo(f"building the demo dataset in {request.demo_dir} from {esc50}")
         build_demo_dataset(esc50, request.demo_dir, seed=0, reuse=True)
