@@ -29,6 +29,7 @@ import pandas as pd
 import pooch
 import requests
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from fat_mlflow.features import CACHE_ENV
 from fat_mlflow.locking import exclusive
@@ -139,8 +140,10 @@ def _download(url: str, known_hash: str, folder: Path, fname: str) -> Path:
 def _retrieve(url: str, known_hash: str, folder: Path, fname: str) -> Path:
     """One pooch download, with a progress bar that is closed however it ends (pooch closes
     its own only on success, and the error message would follow the bar on its line)."""
-    # total=1 until pooch sets the size: pooch tests `if progressbar`, false for a bar without one
-    with tqdm(desc="ESC-50 archive", total=1, unit="B", unit_scale=True, delay=1) as bar:
+    # total=1 until pooch sets the size: pooch tests `if progressbar`, false for a bar without one;
+    # pooch's log lines go through tqdm, above the bar instead of into it
+    with logging_redirect_tqdm(loggers=[pooch.get_logger()]), \
+            tqdm(desc="ESC-50 archive", total=1, unit="B", unit_scale=True) as bar:
         downloader = pooch.HTTPDownloader(progressbar=bar, chunk_size=CHUNK_BYTES,
                                           timeout=TIMEOUT_S)
         return Path(pooch.retrieve(url, known_hash, fname=fname, path=folder,

@@ -271,6 +271,7 @@ def test_transfer_that_keeps_failing_and_no_connection_fail_in_one_line(server, 
 FULL_DISK = """
 import resource, sys
 resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]), int(sys.argv[1])))
+from fat_mlflow.cli import main
 main(sys.argv[2:])
 """
 
