@@ -76,15 +76,14 @@ def cache_root() -> Path:
     return (Path(base) if base else Path(pooch.os_cache("fat-mlflow"))) / "esc50"
 
 
-def fetch_esc50(url: str | None = None, known_hash: str | None = None,
-                root: Path | None = None) -> Path:
+def fetch_esc50(url: str | None = None, known_hash: str | None = None) -> Path:
     """The extracted release archive, downloaded and extracted first if not in the cache yet.
 
     The cache folder is named after the checksum, so a different archive never reuses another's.
     """
     url = url or os.environ.get(URL_ENV) or ARCHIVE_URL
     known_hash = known_hash or os.environ.get(HASH_ENV) or ARCHIVE_HASH
-    root = root or cache_root()
+    root = cache_root()
     algorithm, _, digest = known_hash.rpartition(":")
     final = root / f"{algorithm or 'sha256'}-{digest.lower()[:16]}"
     if (final / META).is_file():
