@@ -85,7 +85,7 @@ REFERENCE = COMPARISONS[0]
 class AblationRequest:
     profile: Profile
     seeds: list[int]
-    esc50: Path
+    esc50: Path | None = None  # for the demo data; None: esc50.locate_esc50 finds it
     data: Path | None = None
     names: list[str] = field(default_factory=lambda: list(ABLATIONS))
     cache_dir: Path | None = None

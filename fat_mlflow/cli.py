@@ -11,7 +11,8 @@ import click
 
 from fat_mlflow.benchmarks import BENCHMARK_PROFILES
 from fat_mlflow.config import PROFILES, Profile, get_profile, parse_overrides
-from fat_mlflow.demo import ESC50_ENV, default_esc50_dir
+from fat_mlflow.demo import CLIP_CHOICES
+from fat_mlflow.esc50 import SOURCES_HELP
 
 def _profile(name: str, overrides: tuple[str, ...], seed: int | None) -> Profile:
     try:
@@ -78,14 +79,22 @@ def main() -> None:
     """
 
 
+esc50_option = click.option(
+    "--esc50", type=click.Path(file_okay=False, path_type=Path), default=None,
+    help=f"ESC-50 folder for the demo data ({SOURCES_HELP}).")
+
+
 @main.command("demo-data")
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
-@click.option("--esc50", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              default=None, help=f"ESC-50 folder (default ${ESC50_ENV} or ../shared/data/esc50).")
+@esc50_option
 @click.option("--seed", type=int, default=0, show_default=True, help="Split and noise seed.")
 @click.option("--scale", type=float, default=1.0, show_default=True,
               help="Shrink (<1) every set, e.g. 0.2 for a seconds-long smoke test.")
-def demo_data(out_dir: Path, esc50: Path | None, seed: int, scale: float) -> None:
+@click.option("--clips", type=click.Choice(CLIP_CHOICES), default="demo", show_default=True,
+              help="'demo': the 909 ESC-50 clips of the README's figures (the same dataset from "
+                   "any ESC-50 copy); 'all': every clip of the ESC-50 folder (2,000 in the "
+                   "release), a larger demo.")
+def demo_data(out_dir: Path, esc50: Path | None, seed: int, scale: float, clips: str) -> None:
     """Build the demo dataset (FAT2019 layout) from real ESC-50 clips into OUT_DIR.
 
     Curated = clean single-label clips; noisy = longer concatenated/mixed clips with
@@ -93,8 +102,9 @@ def demo_data(out_dir: Path, esc50: Path | None, seed: int, scale: float) -> Non
     clips and mixtures with test_truth.csv. No source recording spans two splits.
     """
     from fat_mlflow.demo import build_demo_dataset
+    from fat_mlflow.esc50 import locate_esc50
 
-    summary = build_demo_dataset(esc50 or default_esc50_dir(), out_dir, seed=seed, scale=scale)
+    summary = build_demo_dataset(locate_esc50(esc50), out_dir, seed=seed, scale=scale, clips=clips)
     for key, value in summary.items():
         click.echo(f"{key}: {value}")
 
@@ -202,8 +212,7 @@ def gather(run_id: str, data: str, cache_dir: Path | None) -> None:
 @click.option("--archs", default="", metavar="cnn[,vgg16]",
               help="Networks to train through every stage and ensemble "
                    "(default: cnn for quick/tiny, cnn,vgg16 for paper).")
-@click.option("--esc50", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="ESC-50 folder for the demo data when --data is not given.")
+@esc50_option
 @click.option("--registered-model", default="fat2019-tagger", show_default=True,
               help="Model-registry name of the ensemble.")
 @click.option("--threshold", type=float, default=0.5, show_default=True,
@@ -230,7 +239,7 @@ def pipeline(data, profile, overrides, seed, cache_dir, archs, esc50, registered
     arch_list = [a.strip() for a in archs.split(",") if a.strip()] or (
         ["cnn", "vgg16"] if chosen.name == "paper" else ["cnn"])
     request = PipelineRequest(data=Path(data) if data else None, profile=chosen, archs=arch_list,
-                              esc50=esc50 or default_esc50_dir(), cache_dir=cache_dir,
+                              esc50=esc50, cache_dir=cache_dir,
                               registered_model=registered_model, threshold=threshold,
                               max_per_label_per_fold=max_per_label_per_fold,
                               warm_start=warm_start, fold_jobs=fold_jobs)
@@ -296,20 +305,35 @@ def ensemble(run_ids: str, registered_model: str, alias: str, data: str) -> None
               default=None, help="Folder of the clips a CSV SOURCE names (default: test/ beside it).")
 @click.option("--batch-clips", type=click.IntRange(min=1), default=16, show_default=True,
               help="Clips scored per model call.")
+@click.option("--bad-audio", type=click.Choice(["stop", "skip"]), default="stop",
+              show_default=True,
+              help="Clips that cannot be scored are left out of the submission, listed one per "
+                   "line and in OUTPUT's .errors.csv; 'stop' then exits with status 1, 'skip' "
+                   "with 0.")
 def predict(model_uri: str, source: Path, output: Path, audio_dir: Path | None,
-            batch_clips: int) -> None:
+            batch_clips: int, bad_audio: str) -> None:
     """Score SOURCE (an audio folder, or a CSV such as sample_submission.csv) into a Kaggle
-    submission: fname + one column per class in the model's vocabulary order."""
-    from fat_mlflow.submission import SubmissionError, list_clips, make_submission
+    submission: fname + one column per class in the model's vocabulary order.
+
+    Every clip that can be scored is written. An interrupted run (Ctrl-C, a killed job)
+    continues where it stopped when run again with the same OUTPUT and model."""
+    from fat_mlflow.submission import list_clips, write_submission
 
     clips, classes = list_clips(source, audio_dir)
     model = _load_tagger(model_uri)
-    try:
-        submission = make_submission(model, clips, classes, batch_clips)
-    except SubmissionError as error:
-        raise click.ClickException(str(error)) from error
-    submission.to_csv(output, index=False)
-    click.echo(f"wrote {len(submission)} rows to {output}")
+    result = write_submission(model, clips, output, classes, batch_clips)
+    resumed = f" ({result.n_resumed} scored by an interrupted run)" if result.n_resumed else ""
+    click.echo(f"wrote {result.n_written} rows to {output}{resumed}")
+    if result.failures:
+        click.echo(f"{len(result.failures)} of {len(clips)} clip(s) could not be scored, left out "
+                   f"and listed in {result.errors_csv}:", err=True)
+        for error in result.failures.values():
+            click.echo(f"  {error}", err=True)
+        if bad_audio == "stop":
+            raise click.ClickException(
+                f"{len(result.failures)} clip(s) could not be scored; fix or remove them and "
+                "rerun (only they are scored again), or pass --bad-audio skip to accept the "
+                "submission without them")
 
 
 @main.command()
@@ -350,8 +374,7 @@ def tag(files: tuple[Path, ...], model_uri: str, top_k: int) -> None:
 @click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path),
               default=Path("docs/results"), show_default=True,
               help="Where ablations.md, the CSVs and the figures are written.")
-@click.option("--esc50", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="ESC-50 folder for the demo data when --data is not given.")
+@esc50_option
 def ablations(data, profile, overrides, cache_dir, seeds, only, jobs, out_dir, esc50):
     """Quality ablations (SpecMix, mixup, warm start, single fold) over several seeds.
 
@@ -372,7 +395,7 @@ def ablations(data, profile, overrides, cache_dir, seeds, only, jobs, out_dir, e
     names = [n.strip() for n in only.split(",") if n.strip()] or list(ABLATIONS)
     try:
         request = AblationRequest(profile=_profile(profile, overrides, None), seeds=seed_list,
-                                  esc50=esc50 or default_esc50_dir(),
+                                  esc50=esc50,
                                   data=Path(data) if data else None, names=names,
                                   cache_dir=cache_dir, jobs=jobs)
     except ValueError as error:
@@ -398,8 +421,7 @@ def ablations(data, profile, overrides, cache_dir, seeds, only, jobs, out_dir, e
               help="FAT2019-layout dataset whose clips are measured (and whose cached "
                    "log-mels feed the training benchmark); empty = ESC-50 clips.")
 @click.option("--esc50", default="", metavar="DIRECTORY",
-              help=f"ESC-50 folder when --data is empty (default ${ESC50_ENV} or "
-                   "../shared/data/esc50).")
+              help=f"ESC-50 folder when --data is empty ({SOURCES_HELP}).")
 @click.option("--model-uri", default="", metavar="URI",
               help="Tagger to measure (e.g. models:/fat2019-tagger@champion); empty = an "
                    "untrained ensemble in the quick pipeline's shape.")

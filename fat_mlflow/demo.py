@@ -8,12 +8,24 @@ warm-up selection of stages 3-4 can be checked against it (the training code nev
 
 Leakage guard: ESC-50 cut several clips from one Freesound recording (`src_file`). Each class's
 recordings are assigned whole to one split, so no recording is heard in two splits.
+
+Which clips: the 909 ESC-50 clips of this project's own copy (`esc50_demo_clips.txt`, one ESC-50
+clip name per line, without extension), so a demo built from the full release archive is the
+same dataset as one built from that copy: the same clips in the same splits under the same names
+and labels. `clips="all"` uses every clip of the folder instead (all 2,000 of the release).
+The audio can differ in the last bits: 497 clips of the project's copy are Ogg Vorbis, as ESC-50
+first published them, where the release archive has WAV.
+
+The dataset is written into a staging folder beside `out_dir` and renamed into place when
+complete, under a file lock: a folder of that name is always whole, and concurrent builds of one
+folder wait for each other.
 """
 from __future__ import annotations
 
 import json
-import os
 import shutil
+import uuid
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +33,8 @@ import pandas as pd
 import soundfile as sf
 
 from fat_mlflow.audio import load_audio
+from fat_mlflow.esc50 import META, Esc50Error
+from fat_mlflow.locking import exclusive
 
 SAMPLE_RATE = 44_100
 SPLIT_SHARES = {"curated": 0.35, "noisy": 0.40, "test": 0.25}
@@ -34,30 +48,65 @@ ESC50_GROUP_SIZE = 10  # ESC-50 targets 0-9 animals, 10-19 natural, 20-29 human,
 TEST_MIX_SHARE = 0.2
 MIX_GAIN_RANGE = (0.5, 1.0)
 PEAK_LIMIT = 0.99
+CLIP_CHOICES = ("demo", "all")
+DEMO_CLIPS_FILE = "esc50_demo_clips.txt"
+SUMMARY_FILE = "demo_summary.json"  # written last: its presence marks a whole demo dataset
 
 
-ESC50_ENV = "FAT_MLFLOW_ESC50"
+class DemoExistsError(FileExistsError):
+    """The target folder already holds something other than the demo dataset asked for."""
 
 
-def default_esc50_dir() -> Path:
-    """ESC-50 clips: $FAT_MLFLOW_ESC50, else ../shared/data/esc50 beside the working directory."""
-    return Path(os.environ.get(ESC50_ENV, Path.cwd().parent / "shared" / "data" / "esc50"))
+def demo_clip_names() -> frozenset[str]:
+    """The ESC-50 clip names (no extension) the demo is built from by default."""
+    text = resources.files("fat_mlflow").joinpath(DEMO_CLIPS_FILE).read_text()
+    return frozenset(text.split())
 
 
 def build_demo_dataset(
-    esc50_dir: Path | str, out_dir: Path | str, seed: int = 0, scale: float = 1.0
+    esc50_dir: Path | str, out_dir: Path | str, seed: int = 0, scale: float = 1.0,
+    clips: str = "demo", reuse: bool = False,
 ) -> dict:
     """Write the FAT2019 layout to `out_dir` (must be empty or absent); return a summary.
 
     Deterministic: the same seed and scale give byte-identical files. `scale` < 1 keeps that
-    fraction of every class in every split (at least one clip), for fast tests.
+    fraction of every class in every split (at least one clip), for fast tests. `clips`: "demo"
+    (the manifest's 909 clips) or "all". With `reuse`, a complete demo dataset of the same
+    settings already in `out_dir` (e.g. built by a concurrent run) is returned as it is.
     """
     if not 0 < scale <= 1:
         raise ValueError(f"scale must be in (0, 1], got {scale}")
+    if clips not in CLIP_CHOICES:
+        raise ValueError(f"clips must be one of {', '.join(CLIP_CHOICES)}, got {clips!r}")
     esc50_dir, out_dir = Path(esc50_dir), Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise FileExistsError(f"{out_dir}: not empty; build the demo dataset into a new folder")
-    meta = _read_meta(esc50_dir)
+    wanted = {"seed": seed, "scale": scale, "clips": clips}
+    with exclusive(out_dir, f"building the demo dataset in {out_dir}"):
+        if reuse and (out_dir / SUMMARY_FILE).is_file():
+            built = json.loads((out_dir / SUMMARY_FILE).read_text())
+            if {**built, "clips": built.get("clips", "demo")}.items() >= wanted.items():
+                return {"root": str(out_dir), **built}
+            raise DemoExistsError(f"{out_dir}: holds a demo dataset built with other settings "
+                                  f"({built}); remove it or build into a new folder")
+        if out_dir.exists() and any(out_dir.iterdir()):
+            raise DemoExistsError(f"{out_dir}: not empty; build the demo dataset into a new "
+                                  "folder")
+        for leftover in out_dir.parent.glob(f".{out_dir.name}.building-*"):
+            shutil.rmtree(leftover)  # of a build that was killed
+        staging = out_dir.parent / f".{out_dir.name}.building-{uuid.uuid4().hex[:8]}"
+        staging.mkdir(parents=True)
+        try:
+            summary = _write_demo(esc50_dir, staging, seed, scale, choice=clips)
+            if out_dir.exists():
+                out_dir.rmdir()  # empty (checked above); rename needs it gone or empty
+            staging.rename(out_dir)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return {"root": str(out_dir), **summary}
+
+
+def _write_demo(esc50_dir: Path, out_dir: Path, seed: int, scale: float, choice: str) -> dict:
+    """Every file of the demo dataset into the (new, empty) `out_dir`; returns the summary."""
+    meta = _read_meta(esc50_dir, choice)
     rng = np.random.default_rng(seed)
     pools = {
         split: _scaled(frame, scale, rng) for split, frame in _split_by_source(meta, rng).items()
@@ -116,6 +165,7 @@ def build_demo_dataset(
     summary = {
         "seed": seed,
         "scale": scale,
+        **({"clips": choice} if choice != "demo" else {}),
         "n_classes": len(vocabulary),
         **{f"n_{split}": len(rows) for split, rows in written.items()},
         **{
@@ -125,20 +175,28 @@ def build_demo_dataset(
         "noisy_clean_fraction": round(float(np.mean([n["kind"] == "none" for n in noise])), 4),
         "n_test_mixtures": sum(len(labels) > 1 for _, labels in test),
     }
-    (out_dir / "demo_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return {"root": str(out_dir), **summary}
+    (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
 
 
-def _read_meta(esc50_dir: Path) -> pd.DataFrame:
-    path = esc50_dir / "meta" / "esc50.csv"
+def _read_meta(esc50_dir: Path, choice: str) -> pd.DataFrame:
+    """ESC-50's metadata, only the demo's clips unless `choice` is "all", sorted by file name."""
+    path = esc50_dir / META
     if not path.is_file():
-        raise FileNotFoundError(
-            f"{path}: ESC-50 metadata not found (is {esc50_dir} the ESC-50 folder?)"
-        )
+        raise Esc50Error(f"{path}: ESC-50 metadata not found (is {esc50_dir} the ESC-50 folder?)")
     meta = pd.read_csv(path)
     missing = {"filename", "target", "category", "src_file"} - set(meta.columns)
     if missing:
-        raise ValueError(f"{path}: missing column(s) {sorted(missing)}")
+        raise Esc50Error(f"{path}: missing column(s) {sorted(missing)}")
+    if choice == "demo":
+        names = meta["filename"].map(lambda filename: Path(filename).stem)
+        wanted = demo_clip_names()
+        absent = sorted(wanted - set(names))
+        if absent:
+            raise Esc50Error(f"{esc50_dir}: {len(absent)} of the {len(wanted)} clips of the demo "
+                             f"dataset are not in {META} (e.g. {absent[0]}); use a complete "
+                             "ESC-50 folder, or build from every clip it has (clips 'all')")
+        meta = meta[names.isin(wanted)]
     return meta.sort_values("filename", ignore_index=True)
 
 

@@ -32,7 +32,8 @@ from mlflow.tracking import MlflowClient
 
 from fat_mlflow.config import Profile
 from fat_mlflow.data import dataset_fingerprint, load_dataset
-from fat_mlflow.demo import build_demo_dataset
+from fat_mlflow.demo import SUMMARY_FILE, DemoExistsError, build_demo_dataset
+from fat_mlflow.esc50 import locate_esc50
 from fat_mlflow.featurize import run_features
 from fat_mlflow.plots import plot_stage_table
 from fat_mlflow.stages import (
@@ -50,11 +51,11 @@ from fat_mlflow.tracking import (
     configure_tracking,
     finished_folds,
     get_run,
+    log_dataset_inputs,
     log_table,
 )
 
 TAG_INPUTS = "fat.inputs_hash"
-DEMO_MARKER = "sample_submission.csv"
 LOG_TAIL_CHARS = 3000
 # `fat-mlflow` run by this very interpreter: the console script may not be on the PATH
 JOB_ENTRY = "from fat_mlflow.cli import main; main(prog_name='fat-mlflow')"
@@ -69,7 +70,7 @@ class PipelineRequest:
     data: Path | None
     profile: Profile
     archs: list[str]
-    esc50: Path
+    esc50: Path | None = None  # None: found or downloaded by esc50.locate_esc50
     demo_dir: Path = Path("demo_data")
     registered_model: str = "fat2019-tagger"
     threshold: float = 0.5
@@ -218,9 +219,14 @@ def run_fold_jobs(request: StageRequest, n_jobs: int) -> None:
 
 
 def ensure_demo_data(request: PipelineRequest) -> Path:
-    if not (request.demo_dir / DEMO_MARKER).exists():
-        click.echo(f"building the demo dataset in {request.demo_dir} from {request.esc50}")
-        build_demo_dataset(request.esc50, request.demo_dir, seed=0)
+    """The demo dataset in `request.demo_dir`, built first (once, even by concurrent runs)."""
+    if not (request.demo_dir / SUMMARY_FILE).is_file():
+        if request.demo_dir.is_dir() and any(request.demo_dir.iterdir()):  # before any download
+            raise DemoExistsError(f"{request.demo_dir}: not empty, and not a whole demo dataset "
+                                  f"(no {SUMMARY_FILE}); remove it or pass --data")
+        esc50 = locate_esc50(request.esc50)
+        click.echo(f"building the demo dataset in {request.demo_dir} from {esc50}")
+        build_demo_dataset(esc50, request.demo_dir, seed=0, reuse=True)
     return request.demo_dir
 
 
@@ -275,6 +281,8 @@ def run_pipeline(request: PipelineRequest) -> tuple[str, pd.DataFrame]:
     with mlflow.start_run(run_name=f"pipeline-{request.profile.name}") as parent:
         parent_id = parent.info.run_id
         mlflow.set_tags({TAG_STAGE: "pipeline", TAG_DATASET: fingerprint, **request.tags})
+        log_dataset_inputs(dataset, fingerprint, ["curated", "noisy"] if dataset.has_noisy
+                           else ["curated"])
         # "pipeline." keys: `mlflow run` already logged the raw entry-point parameters
         mlflow.log_params({"pipeline.data": str(data), "pipeline.archs": ",".join(request.archs),
                            "pipeline.threshold": request.threshold,

@@ -52,12 +52,15 @@ from fat_mlflow.tracking import (
     fold_histories,
     fold_model_path,
     get_run,
+    log_dataset_inputs,
     log_table,
     read_table,
 )
 from fat_mlflow.training import resolve_device, training_precision
 
 STAGES = ("stage1", "stage2", "stage3", "stage4")
+TRAINING_SPLITS = {"stage1": ("noisy",), "stage2": ("curated",), "stage3": ("curated", "noisy"),
+                   "stage4": ("curated", "noisy")}  # stages 3 and 4: a selection of the noisy
 WARM_START_FROM = {"stage2": "stage1", "stage3": "stage2", "stage4": "stage3"}
 FOLD_JOB = "fold-job"  # the fat.stage tag of a fold job's child run
 # Settings that say where and how fast a stage trains, not what: jobs of one stage may differ.
@@ -284,13 +287,16 @@ def _source_folds(request: StageRequest) -> pd.DataFrame | None:
 
 
 def _start_run(request: StageRequest) -> mlflow.ActiveRun:
+    """Resume the run, or start a new one: in its pipeline run's experiment, when it has one."""
     if request.resume_run_id:
         return mlflow.start_run(run_id=request.resume_run_id,
                                 nested=mlflow.active_run() is not None)
+    parent = request.pipeline_run_id
     return mlflow.start_run(
         run_name=f"{request.stage}-{request.profile.train.arch}",
         nested=mlflow.active_run() is not None,
-        parent_run_id=request.pipeline_run_id,
+        parent_run_id=parent,
+        experiment_id=get_run(parent).info.experiment_id if parent else None,
     )
 
 
@@ -433,6 +439,8 @@ def _log_inputs(request: StageRequest, data: StageData, folds: pd.DataFrame,
                      **({TAG_PIPELINE: request.pipeline_run_id} if request.pipeline_run_id else {}),
                      **request.tags})
     mlflow.log_params(_input_params(request))
+    log_dataset_inputs(data.dataset, data.fingerprint,
+                       [split for split in TRAINING_SPLITS[request.stage] if split in data.sets])
     log_table(folds, FOLDS_ARTIFACT)
     mlflow.log_dict(request.profile.flat(), PROFILE_ARTIFACT)
     mlflow.log_dict(data.dataset.vocabulary, VOCABULARY_ARTIFACT)

@@ -3,11 +3,14 @@
 Everything a later stage needs (fold assignment, fold models, out-of-fold tables) is read
 back from the tracking store by run ID, never from a local path, so the same code works
 with the embedded SQLite store and with a remote tracking server.
+
+Runs go to the experiment `fat-mlflow` unless MLFLOW_EXPERIMENT_NAME / MLFLOW_EXPERIMENT_ID
+name another (`mlflow run --experiment-name` exports the latter); the tables a run trains and
+is evaluated on are logged as MLflow dataset inputs.
 """
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 import tempfile
@@ -17,18 +20,23 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pandas as pd
+from mlflow.data.dataset_source_registry import get_dataset_source_from_json
 from mlflow.entities import Run
+from mlflow.environment_variables import MLFLOW_EXPERIMENT_ID, MLFLOW_EXPERIMENT_NAME
 from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.tracking import MlflowClient
-from mlflow.utils.file_utils import ExclusiveFileLock
 from torch import nn
 
 from fat_mlflow.crossval import FoldResult
+from fat_mlflow.data import FatDataset
+from fat_mlflow.locking import exclusive
 from fat_mlflow.models import save_checkpoint
 from fat_mlflow.precision import Precision
 from fat_mlflow.training import EpochLog
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+DEFAULT_EXPERIMENT = "fat-mlflow"
 TAG_STAGE = "fat.stage"
 TAG_DATASET = "fat.dataset"
 TAG_ARCH = "fat.arch"
@@ -53,7 +61,29 @@ def configure_tracking() -> str:
     uri = mlflow.get_tracking_uri()
     if uri.startswith("sqlite:///") and ":memory:" not in uri and os.name != "nt":
         _create_sqlite_store(str(Path(uri.removeprefix("sqlite:///")).resolve()))
+    _use_default_experiment()
     return uri
+
+
+def _use_default_experiment() -> None:
+    """Make DEFAULT_EXPERIMENT the experiment of new runs, unless one is chosen already.
+
+    Chosen: by MLFLOW_EXPERIMENT_NAME or MLFLOW_EXPERIMENT_ID (`mlflow run` and
+    `mlflow.set_experiment` set the latter), or by an active run, whose nested runs then stay in
+    its experiment. The name goes into MLFLOW_EXPERIMENT_NAME, which MLflow resolves in the
+    current store at each new run and which fold-job processes inherit. The experiment is
+    created here first because two processes creating it at once race.
+    """
+    if mlflow.active_run() or MLFLOW_EXPERIMENT_NAME.defined or MLFLOW_EXPERIMENT_ID.defined:
+        return
+    client = MlflowClient()
+    if client.get_experiment_by_name(DEFAULT_EXPERIMENT) is None:
+        try:
+            client.create_experiment(DEFAULT_EXPERIMENT)
+        except MlflowException as error:
+            if error.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+                raise
+    os.environ[MLFLOW_EXPERIMENT_NAME.name] = DEFAULT_EXPERIMENT
 
 
 @functools.cache
@@ -62,10 +92,9 @@ def _create_sqlite_store(db_path: str) -> None:
 
     MLflow creates and migrates a new store's tables on first use without a lock
     (mlflow/mlflow#19943): two stage runs started together on a fresh store then crash with
-    "duplicate column name". The lock file lives in the temp folder, keyed by the database path.
+    "duplicate column name".
     """
-    digest = hashlib.sha1(db_path.encode()).hexdigest()[:16]
-    with ExclusiveFileLock(os.path.join(tempfile.gettempdir(), f"fat-mlflow-db-{digest}.lock")):
+    with exclusive(db_path, "creating the tracking store"):
         MlflowClient(f"sqlite:///{db_path}").search_experiments(max_results=1)
 
 
@@ -139,6 +168,33 @@ def fold_histories(run_id: str, n_folds: int) -> dict[int, pd.DataFrame]:
             table = pd.DataFrame(columns).rename_axis("epoch").reset_index()
             histories[fold] = table
     return histories
+
+
+def log_dataset_inputs(dataset: FatDataset, fingerprint: str, training: list[str]) -> None:
+    """The dataset's tables as MLflow dataset inputs of the active run: the `training` splits
+    (curated, noisy) with context "training", the test clips with context "evaluation".
+
+    Named `<data folder>/<table>`, digest = the dataset fingerprint, source = the data folder,
+    so runs can be found by the data they used (`dataset.digest = '<fingerprint>'`).
+    """
+    source = get_dataset_source_from_json(json.dumps({"uri": str(dataset.root)}), "local")
+    frames = {"curated": ("train_curated", dataset.curated),
+              "noisy": ("train_noisy", dataset.noisy_or_none)}
+    tables = [(*frames[split], "training") for split in training]
+    tables.append(("test", dataset.test, "evaluation"))
+    inputs = [mlflow.data.from_pandas(_table_rows(frame), source=source, digest=fingerprint,
+                                      name=f"{dataset.root.name}/{table}")
+              for table, frame, _ in tables]
+    mlflow.log_inputs(inputs, contexts=[context for _, _, context in tables],
+                      tags_list=[None] * len(inputs))
+
+
+def _table_rows(frame: pd.DataFrame) -> pd.DataFrame:
+    """fname and comma-joined labels (when the split has them), as in the dataset's CSVs."""
+    rows = frame[["fname"]].copy()
+    if "labels" in frame.columns:
+        rows["labels"] = frame["labels"].map(",".join)
+    return rows
 
 
 def log_table(table: pd.DataFrame, artifact_path: str) -> None:

@@ -45,12 +45,18 @@ def shared_feature_cache(tmp_path_factory: pytest.TempPathFactory):
         os.environ["FAT_MLFLOW_CACHE"] = previous
 
 
+# configure_tracking exports the experiment's name; a store's experiment must not leak into
+# the next store (nor into the `mlflow run` subprocesses of other tests)
+EXPERIMENT_VARIABLES = ("MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID")
+
+
 @contextlib.contextmanager
 def isolated_tracking(root: Path):
     """A fresh SQLite tracking store whose artifacts also live under `root`."""
     import mlflow
 
     previous_dir, previous_uri = Path.cwd(), os.environ.get("MLFLOW_TRACKING_URI")
+    previous_experiment = {name: os.environ.pop(name, None) for name in EXPERIMENT_VARIABLES}
     uri = f"sqlite:///{root}/mlflow.db"
     os.chdir(root)
     os.environ["MLFLOW_TRACKING_URI"] = uri
@@ -65,6 +71,10 @@ def isolated_tracking(root: Path):
             del os.environ["MLFLOW_TRACKING_URI"]
         else:
             os.environ["MLFLOW_TRACKING_URI"] = previous_uri
+        for name, value in previous_experiment.items():
+            os.environ.pop(name, None)
+            if value is not None:
+                os.environ[name] = value
         mlflow.set_tracking_uri(previous_uri or "")
 
 

@@ -18,6 +18,7 @@ from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
 from fat_mlflow.cli import main
+from fat_mlflow.tracking import DEFAULT_EXPERIMENT
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,7 +31,8 @@ def _benchmark(*args: str):
 
 def _children(tracking_uri: str) -> tuple[mlflow.entities.Run, dict[str, list]]:
     """The single benchmark parent run and its result runs grouped by benchmark."""
-    runs = MlflowClient(tracking_uri).search_runs(["0"])
+    client = MlflowClient(tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name(DEFAULT_EXPERIMENT).experiment_id])
     parents = [r for r in runs if r.data.tags.get("fat.stage") == "benchmark"]
     assert len(parents) == 1
     grouped: dict[str, list] = {}

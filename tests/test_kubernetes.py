@@ -21,7 +21,7 @@ import yaml
 from docker.utils.build import exclude_paths
 from kubernetes.client import ApiClient, V1Job
 from kubernetes.utils import parse_quantity
-from mlflow.projects import _parse_kubernetes_config
+from mlflow.projects import _parse_kubernetes_config, _resolve_experiment_id
 from mlflow.projects import kubernetes as mlflow_kubernetes
 from mlflow.projects.docker import validate_docker_env
 from mlflow.projects.utils import (get_entry_point_command, get_or_create_run,
@@ -35,6 +35,7 @@ IMAGE_TAG = "localhost:5000/fat-mlflow:0123abc"  # what `--build-image` tags and
 IMAGE_DIGEST = "sha256:" + "0" * 64
 DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 CLUSTER_TRACKING_URI = "http://mlflow.mlflow.svc.cluster.local:5000"
+EXPERIMENT = "fat-mlflow"  # docs/kubernetes.md: $K names it, as `mlflow run` creates the run
 
 
 def backend_config() -> dict:
@@ -53,7 +54,8 @@ def submit(entry_point: str, params: dict[str, str]) -> tuple[dict, str]:
     project = load_project(str(KUBE))
     validate_docker_env(project)
     template = backend_config()["kube-job-template"]
-    run = get_or_create_run(None, str(KUBE), "0", str(KUBE), None, entry_point, params)
+    experiment_id = _resolve_experiment_id(experiment_name=EXPERIMENT)  # --experiment-name
+    run = get_or_create_run(None, str(KUBE), experiment_id, str(KUBE), None, entry_point, params)
     command = get_entry_point_command(project, entry_point, params, None)
     env = get_run_env_vars(run_id=run.info.run_id, experiment_id=run.info.experiment_id)
     job = mlflow_kubernetes._get_kubernetes_job_definition(
@@ -144,7 +146,8 @@ def test_stage_job_is_a_valid_kubernetes_job_running_the_local_command(
     assert len(names) == len(set(names)), names
     env = {item["name"]: item["value"] for item in container["env"]}
     assert env["MLFLOW_RUN_ID"] == run_id
-    assert env["MLFLOW_EXPERIMENT_ID"] == "0"
+    assert env["MLFLOW_EXPERIMENT_ID"] == MlflowClient().get_experiment_by_name(
+        EXPERIMENT).experiment_id
     assert env["MLFLOW_TRACKING_URI"] == (cluster_uri or tracking)
 
     pod = job["spec"]["template"]["spec"]

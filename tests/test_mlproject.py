@@ -7,12 +7,16 @@ from pathlib import Path
 import yaml
 from mlflow.tracking import MlflowClient
 
+from fat_mlflow.tracking import DEFAULT_EXPERIMENT
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 def mlflow_run(tmp_path, entry_point, **params):
+    """As the README writes it: `mlflow run` creates its run before our code starts, so the
+    experiment is named on its command line."""
     command = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", entry_point,
-               "--env-manager", "local"]
+               "--env-manager", "local", "--experiment-name", DEFAULT_EXPERIMENT]
     for key, value in params.items():
         command += ["-P", f"{key}={value}"]
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
@@ -42,10 +46,16 @@ def test_demo_data_and_stage1_entry_points(tmp_path, demo_data):
     mlflow_run(tmp_path, "stage1", data=demo_data, profile="tiny",
                overrides="train.epochs=1 train.width=0.0625")
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    runs = client.search_runs(["0"], "tags.`fat.stage` = 'stage1'")
+    experiment = client.get_experiment_by_name(DEFAULT_EXPERIMENT).experiment_id
+    assert client.search_runs(["0"]) == []  # nothing in the Default experiment
+    runs = client.search_runs([experiment], "tags.`fat.stage` = 'stage1'")
     assert len(runs) == 1
     run = runs[0]
     assert run.info.status == "FINISHED"
     assert run.data.tags["mlflow.project.entryPoint"] == "stage1"
     assert run.data.params["train.epochs"] == "1"
     assert {"lwlrap_noisy", "lwlrap_curated"} <= set(run.data.metrics)
+    contexts = {entry.dataset.name.split("/")[-1]:
+                {tag.key: tag.value for tag in entry.tags}["mlflow.data.context"]
+                for entry in run.inputs.dataset_inputs}
+    assert contexts == {"train_noisy": "training", "test": "evaluation"}

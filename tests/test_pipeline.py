@@ -1,10 +1,18 @@
 """`main`: the chained pipeline, its stage report, and the reuse of finished stages."""
+import json
+
 import mlflow
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from fat_mlflow.config import get_profile
+from fat_mlflow.data import dataset_fingerprint, load_dataset
 from fat_mlflow.pipeline import PipelineRequest, run_pipeline
+from fat_mlflow.tracking import DEFAULT_EXPERIMENT
+
+
+def experiment_id() -> str:
+    return MlflowClient().get_experiment_by_name(DEFAULT_EXPERIMENT).experiment_id
 
 
 def test_pipeline_links_stage_runs_and_reports_table2(tiny_chain):
@@ -12,6 +20,11 @@ def test_pipeline_links_stage_runs_and_reports_table2(tiny_chain):
                                                "cnn model4", "ensemble"]
     with tiny_chain.store():
         client = MlflowClient()
+        runs = client.search_runs([experiment_id()])  # every run in the named experiment
+        assert {tiny_chain.pipeline_run_id, *tiny_chain.runs.values()} <= {
+            run.info.run_id for run in runs}
+        assert {run.data.tags["fat.stage"] for run in runs} == {
+            "pipeline", "features", "stage1", "stage2", "stage3", "stage4", "ensemble"}
         for stage, run_id in tiny_chain.runs.items():
             tags = client.get_run(run_id).data.tags
             if stage != "ensemble":
@@ -34,12 +47,45 @@ def test_rerun_reuses_finished_stages_and_resumes_an_unfinished_one(tiny_chain):
         client = MlflowClient()
         stage4 = tiny_chain.runs["stage4"]
         client.set_tag(stage4, "fat.complete", "false")  # as if it had been interrupted
-        n_runs = len(client.search_runs(["0"]))
+        n_runs = len(client.search_runs([experiment_id()]))
         _, table = run_pipeline(request)
         again = dict(zip(table["stage"], table["run_id"]))
         for stage in ("stage1", "stage2", "stage3", "stage4"):
             assert again[stage] == tiny_chain.runs[stage]
         assert client.get_run(stage4).data.tags["fat.complete"] == "true"
         # new: the pipeline run, its features run and the ensemble run; no stage was retrained
-        assert len(client.search_runs(["0"])) == n_runs + 3
+        assert len(client.search_runs([experiment_id()])) == n_runs + 3
         assert client.get_registered_model("fat2019-tagger").latest_versions
+
+
+def test_stage_runs_log_their_tables_as_dataset_inputs(tiny_chain):
+    """What each stage trained and was evaluated on, in the UI's Dataset column and in search."""
+    dataset = load_dataset(tiny_chain.data)
+    fingerprint, folder = dataset_fingerprint(dataset), dataset.root.name
+    rows = {f"{folder}/train_curated": len(dataset.curated),
+            f"{folder}/train_noisy": len(dataset.noisy), f"{folder}/test": len(dataset.test)}
+    test = (f"{folder}/test", "evaluation")
+    expected = {"stage1": {(f"{folder}/train_noisy", "training"), test},
+                "stage2": {(f"{folder}/train_curated", "training"), test},
+                "stage3": {(f"{folder}/train_curated", "training"),
+                           (f"{folder}/train_noisy", "training"), test}}
+    expected["stage4"] = expected["pipeline"] = expected["stage3"]
+    runs = {**tiny_chain.runs, "pipeline": tiny_chain.pipeline_run_id}
+    with tiny_chain.store():
+        client = MlflowClient()
+        for stage, inputs in expected.items():
+            logged = client.get_run(runs[stage]).inputs.dataset_inputs
+            got = {(entry.dataset.name, {tag.key: tag.value for tag in entry.tags}
+                    ["mlflow.data.context"]) for entry in logged}
+            assert got == inputs, stage
+            for entry in logged:
+                assert entry.dataset.digest == fingerprint
+                assert json.loads(entry.dataset.source) == {"uri": str(dataset.root)}
+                assert json.loads(entry.dataset.profile)["num_rows"] == rows[entry.dataset.name]
+        trained_on_noisy = client.search_runs(
+            [experiment_id()], f"dataset.name = '{folder}/train_noisy' AND "
+                               f"dataset.digest = '{fingerprint}' AND dataset.context = 'training'")
+        assert {runs[stage] for stage in ("pipeline", "stage1", "stage3", "stage4")} <= {
+            run.info.run_id for run in trained_on_noisy}  # (+ the rerun test's pipeline run)
+        assert {run.data.tags["fat.stage"] for run in trained_on_noisy} == {
+            "pipeline", "stage1", "stage3", "stage4"}

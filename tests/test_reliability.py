@@ -34,7 +34,7 @@ from fat_mlflow.features import BadAudioError, FeatureCache
 from fat_mlflow.featurize import run_features
 from fat_mlflow.pipeline import run_or_reuse
 from fat_mlflow.stages import StageRequest, run_stage
-from fat_mlflow.tracking import MlflowFoldStore
+from fat_mlflow.tracking import MlflowFoldStore, configure_tracking
 
 SR = 44_100
 EPOCHS = {"train.epochs": "1"}
@@ -333,6 +333,7 @@ def test_killed_pipeline_resumes_its_interrupted_stage_run(small_data, concurren
     request = StageRequest(stage="stage1", data=small_data,
                            profile=get_profile("tiny", {"train.epochs": "1"}),
                            cache_dir=concurrent.cache_dir, progress=False)
+    configure_tracking()  # the experiment `fat-mlflow`, as the killed pipeline used
     with mlflow.start_run():
         run_id = run_or_reuse(request, dataset_fingerprint(load_dataset(small_data)))
     assert run_id == folder.parent.name

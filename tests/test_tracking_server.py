@@ -26,7 +26,7 @@ from servers import Database, PostgresUnavailable, mlflow_tracking_server, postg
 from fat_mlflow.data import load_dataset
 from fat_mlflow.models import load_checkpoint
 from fat_mlflow.tagger import ERROR_COLUMN, TOP_LABELS_COLUMN, load_local_model
-from fat_mlflow.tracking import configure_tracking
+from fat_mlflow.tracking import DEFAULT_EXPERIMENT, configure_tracking
 
 pytestmark = pytest.mark.slow
 
@@ -81,10 +81,12 @@ def pipeline(server: TrackingServer, demo_data: Path,
     # nothing fell back to a local store in the working directory
     assert list(cwd.iterdir()) == []
     client = server.client()
-    parents = client.search_runs(["0"], "tags.`fat.stage` = 'pipeline'")
+    experiment = client.get_experiment_by_name(DEFAULT_EXPERIMENT).experiment_id
+    parents = client.search_runs([experiment], "tags.`fat.stage` = 'pipeline'")
     assert len(parents) == 1
     parent = parents[0]
-    children = client.search_runs(["0"], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    children = client.search_runs([experiment],
+                                  f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     return PipelineRuns(parent, {run.data.tags["fat.stage"]: run for run in children})
 
 
@@ -137,7 +139,8 @@ def test_runs_and_registry_are_rows_in_postgresql(server, pipeline):
         assert cursor.fetchone()[0] == 1
         cursor.execute("SELECT alias FROM registered_model_aliases WHERE name = %s", (MODEL,))
         assert cursor.fetchall() == [("champion",)]
-        cursor.execute("SELECT artifact_location FROM experiments WHERE experiment_id = 0")
+        cursor.execute("SELECT artifact_location FROM experiments WHERE name = %s",
+                       (DEFAULT_EXPERIMENT,))
         assert cursor.fetchone()[0].startswith("mlflow-artifacts:")
 
 

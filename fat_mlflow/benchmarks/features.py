@@ -24,7 +24,7 @@ from fat_mlflow.benchmarks import BENCHMARK_PROFILES
 from fat_mlflow.benchmarks.common import Result, Table, machine_facts, median, passes, timed
 from fat_mlflow.config import FeatureConfig
 from fat_mlflow.data import DataLayoutError, load_dataset
-from fat_mlflow.demo import default_esc50_dir
+from fat_mlflow.esc50 import META, SOURCES_HELP, locate_esc50
 from fat_mlflow.features import BadAudioError, FeatureCache, log_mel
 
 COLUMNS = (("seconds", "s"), ("clips_per_s", "clips/s"), ("x_realtime", "x realtime"),
@@ -39,12 +39,8 @@ def benchmark_clips(data: Path | None, esc50: Path | None, n: int) -> list[Path]
         frames = [dataset.curated, dataset.test] + ([dataset.noisy] if dataset.has_noisy else [])
         paths = [Path(p) for frame in frames for p in frame["path"]]
     else:
-        esc50 = esc50 or default_esc50_dir()
-        meta = esc50 / "meta" / "esc50.csv"
-        if not meta.is_file():
-            raise DataLayoutError(f"ESC-50 clips not found at {esc50} (no meta/esc50.csv): "
-                                  "give the ESC-50 folder (--esc50) or a dataset (--data)")
-        paths = [esc50 / "audio" / name for name in sorted(pd.read_csv(meta)["filename"])]
+        esc50 = locate_esc50(esc50)
+        paths = [esc50 / "audio" / name for name in sorted(pd.read_csv(esc50 / META)["filename"])]
     if not paths:
         raise DataLayoutError(f"no clips to measure in {data or esc50}")
     return paths[:n]
@@ -115,7 +111,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=0, help="timed passes (0: the profile's)")
     parser.add_argument("--data", type=Path, default=None, help="FAT2019-layout dataset")
     parser.add_argument("--esc50", type=Path, default=None,
-                        help="ESC-50 folder (default $FAT_MLFLOW_ESC50 or ../shared/data/esc50)")
+                        help=f"ESC-50 folder ({SOURCES_HELP})")
     args = parser.parse_args()
     size = BENCHMARK_PROFILES[args.profile]
     paths = benchmark_clips(args.data, args.esc50, args.n or size.feature_clips)

@@ -48,6 +48,7 @@ from fat_mlflow.benchmarks.common import (
 from fat_mlflow.benchmarks.features import benchmark_clips
 from fat_mlflow.config import PROFILES, FeatureConfig
 from fat_mlflow.dataset import window_starts
+from fat_mlflow.esc50 import SOURCES_HELP
 from fat_mlflow.models import build_model, save_checkpoint
 from fat_mlflow.predict import predict_spectrograms
 from fat_mlflow.processes import free_port, stop_group, wait_until
@@ -255,7 +256,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: its default)")
     parser.add_argument("--data", type=Path, default=None, help="FAT2019-layout dataset")
     parser.add_argument("--esc50", type=Path, default=None,
-                        help="ESC-50 folder (default $FAT_MLFLOW_ESC50 or ../shared/data/esc50)")
+                        help=f"ESC-50 folder ({SOURCES_HELP})")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
