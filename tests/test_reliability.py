@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlparse
@@ -38,7 +39,8 @@ from fat_mlflow.tracking import MlflowFoldStore, configure_tracking
 
 SR = 44_100
 EPOCHS = {"train.epochs": "1"}
-STAGE1 = ["stage1", "--profile", "tiny", "--set", "train.epochs=1"]
+# 16 epochs: a fold takes about a second in bf16, time enough to kill a stage between two folds
+STAGE1 = ["stage1", "--profile", "tiny", "--set", "train.epochs=16"]
 SIZES = {"train_curated": 16, "train_noisy": 24, "test": 8}
 N_CLIPS = sum(SIZES.values())
 SEEDS = (1, 2)
@@ -105,6 +107,15 @@ def artifact_dir(client: MlflowClient, run_id: str) -> Path:
 def run_tables(folder: Path) -> dict[str, pd.DataFrame]:
     return {name: pd.read_csv(folder / name)
             for name in ("oof/noisy.csv", "oof/curated.csv", "test_scores.csv")}
+
+
+def reads_whole(scores: Path) -> bool:
+    """Whether a fold's scores file is copied completely (it appears before it is whole)."""
+    try:
+        with np.load(scores) as data:
+            return bool(data.files)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        return False
 
 
 def fold_files(folder: Path) -> set[str]:
@@ -292,8 +303,7 @@ def test_killed_stage_resumes_at_its_fold_and_equals_the_uninterrupted_run(
             "--cache-dir", str(concurrent.cache_dir)]
     child = Child.start(args, tmp_path, tracking)
     fold0 = "mlruns/*/*/artifacts/folds/fold_0/scores.npz"
-    wait_for(lambda: any(tmp_path.glob(fold0)), child)
-    time.sleep(0.3)  # past the copy of fold 0's files (see the test below); fold 1 takes seconds
+    wait_for(lambda: any(map(reads_whole, tmp_path.glob(fold0))), child)  # fold 1 takes a second
     assert child.kill(sig) == -sig
     folder = next(tmp_path.glob(fold0)).parents[2]  # the run's artifacts
     assert fold_files(folder) == {"folds/fold_0/model.pt", "folds/fold_0/scores.npz"}

@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import librosa
-import mlflow
 import numpy as np
 import pandas as pd
 import pytest
@@ -24,6 +23,7 @@ import soundfile as sf
 
 from fat_mlflow.audio import load_audio
 from fat_mlflow.submission import score_files
+from fat_mlflow.tagger import load_local_model
 
 SR = 44_100
 MODEL = "models:/fat2019-tagger@champion"
@@ -111,7 +111,7 @@ def test_every_good_clip_is_written_and_every_bad_one_named(tiny_chain, clips, r
     submission = pd.read_csv(reference)
     assert list(submission["fname"]) == good
     with tiny_chain.store():
-        model = mlflow.pyfunc.load_model(MODEL)
+        model = load_local_model(MODEL)
         expected = score_files(model, [clips / name for name in good], progress=False)
     vocabulary = list(submission.columns[1:])
     np.testing.assert_allclose(submission[vocabulary], expected[vocabulary], atol=1e-6)
