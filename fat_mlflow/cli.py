@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from fat_mlflow.benchmarks import BENCHMARK_PROFILES
-from fat_mlflow.config import PROFILES, Profile, get_profile, parse_overrides
+from fat_mlflow.config import PROFILES, DemoConfig, Profile, get_profile, parse_overrides
 from fat_mlflow.demo import CLIP_CHOICES
 from fat_mlflow.esc50 import SOURCES_HELP
 
@@ -94,7 +94,16 @@ esc50_option = click.option(
               help="'demo': the 909 ESC-50 clips of the README's figures (the same dataset from "
                    "any ESC-50 copy); 'all': every clip of the ESC-50 folder (2,000 in the "
                    "release), a larger demo.")
-def demo_data(out_dir: Path, esc50: Path | None, seed: int, scale: float, clips: str) -> None:
+@click.option("--min-clips-per-class", type=click.IntRange(min=1), default=DemoConfig.min_clips_per_class,
+              show_default=True,
+              help="Leave out the classes with fewer clips in the ESC-50 folder (the demo's 21 "
+                   "classes have 32 clips each; 1 keeps all 50).")
+@click.option("--curated-per-class", type=click.IntRange(min=0), default=DemoConfig.curated_per_class,
+              show_default=True,
+              help="Keep at most this many curated clips per class (0 = all, about 13); the "
+                   "noisy and test sets stay the same, so runs on several values compare.")
+def demo_data(out_dir: Path, esc50: Path | None, seed: int, scale: float, clips: str,
+              min_clips_per_class: int, curated_per_class: int) -> None:
     """Build the demo dataset (FAT2019 layout) from real ESC-50 clips into OUT_DIR.
 
     Curated = clean single-label clips; noisy = longer concatenated/mixed clips with
@@ -104,7 +113,10 @@ def demo_data(out_dir: Path, esc50: Path | None, seed: int, scale: float, clips:
     from fat_mlflow.demo import build_demo_dataset
     from fat_mlflow.esc50 import locate_esc50
 
-    summary = build_demo_dataset(locate_esc50(esc50), out_dir, seed=seed, scale=scale, clips=clips)
+    recipe = DemoConfig(min_clips_per_class=min_clips_per_class,
+                        curated_per_class=curated_per_class)
+    summary = build_demo_dataset(locate_esc50(esc50), out_dir, seed=seed, scale=scale, clips=clips,
+                                 recipe=recipe)
     for key, value in summary.items():
         click.echo(f"{key}: {value}")
 

@@ -22,9 +22,11 @@ folder wait for each other.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import uuid
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
@@ -33,11 +35,11 @@ import pandas as pd
 import soundfile as sf
 
 from fat_mlflow.audio import load_audio
+from fat_mlflow.config import DemoConfig
 from fat_mlflow.esc50 import META, Esc50Error
 from fat_mlflow.locking import exclusive
 
 SAMPLE_RATE = 44_100
-SPLIT_SHARES = {"curated": 0.35, "noisy": 0.40, "test": 0.25}
 SPLIT_PRIORITY = ("curated", "test", "noisy")  # who gets a class's first recordings
 NOISY_PER_CURATED = 1.7
 NOISY_MIX_SHARE = 0.25  # noisy clips that mix two classes; the rest concatenate 1-3 clips
@@ -65,25 +67,27 @@ def demo_clip_names() -> frozenset[str]:
 
 def build_demo_dataset(
     esc50_dir: Path | str, out_dir: Path | str, seed: int = 0, scale: float = 1.0,
-    clips: str = "demo", reuse: bool = False,
+    clips: str = "demo", reuse: bool = False, recipe: DemoConfig = DemoConfig(),
 ) -> dict:
     """Write the FAT2019 layout to `out_dir` (must be empty or absent); return a summary.
 
     Deterministic: the same seed and scale give byte-identical files. `scale` < 1 keeps that
     fraction of every class in every split (at least one clip), for fast tests. `clips`: "demo"
-    (the manifest's 909 clips) or "all". With `reuse`, a complete demo dataset of the same
-    settings already in `out_dir` (e.g. built by a concurrent run) is returned as it is.
+    (the manifest's 909 clips) or "all"; `recipe`: which classes, split shares, curated clips
+    per class. With `reuse`, a complete demo dataset of the same settings already in `out_dir`
+    (e.g. built by a concurrent run) is returned as it is.
     """
     if not 0 < scale <= 1:
         raise ValueError(f"scale must be in (0, 1], got {scale}")
     if clips not in CLIP_CHOICES:
         raise ValueError(f"clips must be one of {', '.join(CLIP_CHOICES)}, got {clips!r}")
     esc50_dir, out_dir = Path(esc50_dir), Path(out_dir)
-    wanted = {"seed": seed, "scale": scale, "clips": clips}
+    wanted = {"seed": seed, "scale": scale, "clips": clips, "recipe": dataclasses.asdict(recipe)}
     with exclusive(out_dir, f"building the demo dataset in {out_dir}"):
         if reuse and (out_dir / SUMMARY_FILE).is_file():
             built = json.loads((out_dir / SUMMARY_FILE).read_text())
-            if {**built, "clips": built.get("clips", "demo")}.items() >= wanted.items():
+            built_settings = {**built, "clips": built.get("clips", "demo")}
+            if all(built_settings.get(key) == value for key, value in wanted.items()):
                 return {"root": str(out_dir), **built}
             raise DemoExistsError(f"{out_dir}: holds a demo dataset built with other settings "
                                   f"({built}); remove it or build into a new folder")
@@ -95,7 +99,7 @@ def build_demo_dataset(
         staging = out_dir.parent / f".{out_dir.name}.building-{uuid.uuid4().hex[:8]}"
         staging.mkdir(parents=True)
         try:
-            summary = _write_demo(esc50_dir, staging, seed, scale, choice=clips)
+            summary = _write_demo(esc50_dir, staging, seed, scale, clips, recipe)
             if out_dir.exists():
                 out_dir.rmdir()  # empty (checked above); rename needs it gone or empty
             staging.rename(out_dir)
@@ -104,13 +108,13 @@ def build_demo_dataset(
     return {"root": str(out_dir), **summary}
 
 
-def _write_demo(esc50_dir: Path, out_dir: Path, seed: int, scale: float, choice: str) -> dict:
+def _write_demo(esc50_dir: Path, out_dir: Path, seed: int, scale: float, choice: str,
+                recipe: DemoConfig) -> dict:
     """Every file of the demo dataset into the (new, empty) `out_dir`; returns the summary."""
-    meta = _read_meta(esc50_dir, choice)
+    meta = _well_recorded_classes(_read_meta(esc50_dir, choice), recipe.min_clips_per_class)
     rng = np.random.default_rng(seed)
-    pools = {
-        split: _scaled(frame, scale, rng) for split, frame in _split_by_source(meta, rng).items()
-    }
+    pools = {split: _scaled(frame, scale, rng)
+             for split, frame in _split_by_source(meta, recipe.split_shares(), rng).items()}
     vocabulary = sorted(meta["category"].unique())
     groups = dict(zip(meta["category"], meta["target"] // ESC50_GROUP_SIZE))
     n_noisy = round(NOISY_PER_CURATED * len(pools["curated"]))
@@ -121,16 +125,24 @@ def _write_demo(esc50_dir: Path, out_dir: Path, seed: int, scale: float, choice:
     noisy = [_noisy_composition(pools["noisy"], i, rng) for i in range(n_noisy)]
     test = _test_compositions(pools["test"], rng)
     noise = _label_noise([labels for _, labels in noisy], vocabulary, groups, rng)
+    named = {split: [(next(names), *item) for item in items]
+             for split, items in (("train_curated", curated), ("train_noisy", noisy),
+                                  ("test", test))}
+    if recipe.curated_per_class:  # after every draw above: noisy and test stay as they are
+        kept = set(_at_most(pools["curated"], recipe.curated_per_class,
+                            np.random.default_rng([seed, recipe.curated_per_class]))["filename"])
+        named["train_curated"] = [item for item in named["train_curated"]
+                                  if item[1][0].filename in kept]
 
     audio_dir = esc50_dir / "audio"
     sources: list[dict] = []
     written: dict[str, list[dict]] = {}
-    for split, items in (("train_curated", curated), ("train_noisy", noisy), ("test", test)):
+    for index, (split, items) in enumerate(named.items()):
         (out_dir / split).mkdir(parents=True)
         written[split] = []
-        for clips, labels in items:
-            fname = next(names)
-            wave = _render(clips, audio_dir, rng)
+        render_rng = np.random.default_rng([seed, index])  # a split's audio depends on it alone
+        for fname, clips, labels in items:
+            wave = _render(clips, audio_dir, render_rng)
             sf.write(out_dir / split / fname, wave, SAMPLE_RATE, subtype="PCM_16")
             seconds = wave.size / SAMPLE_RATE
             written[split].append({"fname": fname, "labels": labels, "seconds": seconds})
@@ -166,6 +178,7 @@ def _write_demo(esc50_dir: Path, out_dir: Path, seed: int, scale: float, choice:
         "seed": seed,
         "scale": scale,
         **({"clips": choice} if choice != "demo" else {}),
+        "recipe": dataclasses.asdict(recipe),
         "n_classes": len(vocabulary),
         **{f"n_{split}": len(rows) for split, rows in written.items()},
         **{
@@ -200,23 +213,34 @@ def _read_meta(esc50_dir: Path, choice: str) -> pd.DataFrame:
     return meta.sort_values("filename", ignore_index=True)
 
 
-def _split_by_source(meta: pd.DataFrame, rng: np.random.Generator) -> dict[str, pd.DataFrame]:
-    """Per class, assign whole source recordings to splits, aiming at SPLIT_SHARES of its clips.
+def _well_recorded_classes(meta: pd.DataFrame, min_clips: int) -> pd.DataFrame:
+    """Only the clips of classes with at least `min_clips` clips."""
+    counts = meta["category"].value_counts()
+    kept = meta[meta["category"].map(counts) >= min_clips].reset_index(drop=True)
+    if kept["category"].nunique() < 2:
+        raise Esc50Error(f"only {kept['category'].nunique()} class(es) have at least {min_clips} "
+                         "clips in this ESC-50 folder; the demo needs two or more")
+    return kept
+
+
+def _split_by_source(meta: pd.DataFrame, shares: dict[str, float],
+                     rng: np.random.Generator) -> dict[str, pd.DataFrame]:
+    """Per class, assign whole source recordings to splits, aiming at `shares` of its clips.
 
     The largest recordings go first (ties in seeded order); the first three go to curated, test,
     noisy, the rest to the split furthest below its share. A one-recording class is curated only.
     """
-    chosen: dict[str, list[pd.DataFrame]] = {split: [] for split in SPLIT_SHARES}
+    chosen: dict[str, list[pd.DataFrame]] = {split: [] for split in shares}
     for _, clips in meta.groupby("category", sort=True):
         recordings = [group for _, group in clips.groupby("src_file", sort=True)]
         order = rng.permutation(len(recordings))
         recordings = sorted((recordings[i] for i in order), key=len, reverse=True)
-        counts = dict.fromkeys(SPLIT_SHARES, 0)
+        counts = dict.fromkeys(shares, 0)
         for index, recording in enumerate(recordings):
             if index < len(SPLIT_PRIORITY):
                 split = SPLIT_PRIORITY[index]
             else:
-                split = max(counts, key=lambda s: SPLIT_SHARES[s] * len(clips) - counts[s])
+                split = max(counts, key=lambda s: shares[s] * len(clips) - counts[s])
             counts[split] += len(recording)
             chosen[split].append(recording)
     return {split: pd.concat(frames, ignore_index=True) for split, frames in chosen.items()}
@@ -224,10 +248,21 @@ def _split_by_source(meta: pd.DataFrame, rng: np.random.Generator) -> dict[str, 
 
 def _scaled(pool: pd.DataFrame, scale: float, rng: np.random.Generator) -> pd.DataFrame:
     """Keep round(scale * n) clips of each class (at least one), chosen by the seed."""
+    return _per_class(pool, lambda n: max(1, round(scale * n)), rng)
+
+
+def _at_most(pool: pd.DataFrame, per_class: int, rng: np.random.Generator) -> pd.DataFrame:
+    """At most `per_class` clips of each class, chosen by `rng`."""
+    return _per_class(pool, lambda n: min(per_class, n), rng)
+
+
+def _per_class(pool: pd.DataFrame, size: Callable[[int], int],
+               rng: np.random.Generator) -> pd.DataFrame:
+    """`size(n)` of each class's n clips, chosen by `rng`, kept in the pool's order."""
     kept = []
     for _, clips in pool.groupby("category", sort=True):
-        n = max(1, round(scale * len(clips)))
-        kept.append(clips.iloc[np.sort(rng.choice(len(clips), size=n, replace=False))])
+        chosen = rng.choice(len(clips), size=size(len(clips)), replace=False)
+        kept.append(clips.iloc[np.sort(chosen)])
     return pd.concat(kept, ignore_index=True)
 
 

@@ -169,6 +169,6 @@ def test_training_benchmark_runs_without_mlflow_and_librosa(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [line for line in done.stdout.splitlines() if line.startswith("| ")]
     assert rows[1].startswith("| matmul 1024x1024, float32 (baseline) |")
-    assert rows[2].startswith("| quick, cnn, width 0.125, batch 16 |")
+    assert rows[2].startswith("| quick, cnn, width 0.25, batch 16 |")
     assert len(rows) == 3
     assert f"log-mels from {tmp_path}" in done.stdout

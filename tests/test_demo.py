@@ -10,7 +10,9 @@ import pytest
 import soundfile as sf
 
 from fat_mlflow.data import load_dataset
-from fat_mlflow.demo import build_demo_dataset
+from fat_mlflow.config import DemoConfig
+from fat_mlflow.demo import build_demo_dataset, demo_clip_names
+from fat_mlflow.esc50 import Esc50Error
 
 
 def file_hashes(root: Path) -> dict[str, str]:
@@ -21,9 +23,13 @@ def file_hashes(root: Path) -> dict[str, str]:
     }
 
 
-def test_loads_as_a_fat2019_dataset(demo_data):
+def test_loads_as_a_fat2019_dataset(demo_data, esc50_dir):
     ds = load_dataset(demo_data)
-    assert len(ds.vocabulary) == 50 and ds.vocabulary == sorted(ds.vocabulary)
+    meta = pd.read_csv(esc50_dir / "meta" / "esc50.csv")
+    in_demo = meta["filename"].map(lambda name: Path(name).stem).isin(demo_clip_names())
+    clips_per_class = meta[in_demo]["category"].value_counts()
+    well_recorded = clips_per_class[clips_per_class >= DemoConfig().min_clips_per_class]
+    assert ds.vocabulary == sorted(well_recorded.index) and 2 <= len(ds.vocabulary) < 50
     assert ds.has_noisy and ds.has_test_truth
     assert len(ds.noisy) > 1.5 * len(ds.curated)
     assert set(ds.vocabulary) == {label for labels in ds.curated["labels"] for label in labels}
@@ -42,7 +48,7 @@ def test_no_source_recording_is_in_two_splits(demo_data, esc50_dir):
             key = f"{esc50.loc[name, 'category']}/{esc50.loc[name, 'src_file']}"
             split_of.setdefault(key, set()).add(split)
     assert max(len(splits) for splits in split_of.values()) == 1
-    assert len(split_of) > 100
+    assert len(split_of) > 3 * len(load_dataset(demo_data).vocabulary)  # several per class
 
 
 def test_noise_truth_matches_the_noisy_labels(demo_data):
@@ -85,3 +91,32 @@ def test_scale_must_be_a_fraction(esc50_dir, tmp_path, scale):
 def test_refuses_to_write_into_a_non_empty_folder(demo_data, esc50_dir):
     with pytest.raises(FileExistsError, match="not empty"):
         build_demo_dataset(esc50_dir, demo_data)
+
+
+def test_curated_per_class_thins_the_curated_set_only(demo_data, esc50_dir, tmp_path):
+    thinned = tmp_path / "thinned"
+    build_demo_dataset(esc50_dir, thinned, scale=0.15, recipe=DemoConfig(curated_per_class=1))
+    full, thin = load_dataset(demo_data), load_dataset(thinned)
+    per_class = thin.curated["labels"].map(lambda labels: labels[0]).value_counts()
+    assert set(per_class.index) == set(full.vocabulary) and per_class.max() == 1
+    assert len(thin.curated) < len(full.curated)
+    for table in ("train_noisy.csv", "test_truth.csv"):
+        assert (thinned / table).read_bytes() == (demo_data / table).read_bytes()
+
+
+def test_all_classes_on_request(esc50_dir, tmp_path):
+    summary = build_demo_dataset(esc50_dir, tmp_path / "all", scale=0.15,
+                                 recipe=DemoConfig(min_clips_per_class=1))
+    assert summary["n_classes"] == 50
+
+
+def test_too_few_well_recorded_classes_is_a_clear_error(esc50_dir, tmp_path):
+    with pytest.raises(Esc50Error, match="at least 1000 clips"):
+        build_demo_dataset(esc50_dir, tmp_path / "none", recipe=DemoConfig(min_clips_per_class=1000))
+    assert not (tmp_path / "none").exists() or not any((tmp_path / "none").iterdir())
+
+
+@pytest.mark.parametrize("shares", [(0.5, 0.5, 0.5), (0.0, 0.5, 0.5)])
+def test_split_shares_must_be_positive_and_sum_to_one(shares):
+    with pytest.raises(ValueError, match="shares"):
+        DemoConfig(curated_share=shares[0], noisy_share=shares[1], test_share=shares[2])
