@@ -245,7 +245,7 @@ def pipeline(data, profile, overrides, seed, cache_dir, archs, esc50, registered
     Without --data it builds (or reuses) the demo dataset in ./demo_data. Stages that
     already finished with the same inputs are reused; an interrupted one is resumed.
     """
-    from fat_mlflow.pipeline import PipelineRequest, run_pipeline
+    from fat_mlflow.pipeline import PipelineRequest, floor_verdict, run_pipeline
 
     chosen = _profile(profile, overrides, seed)
     arch_list = [a.strip() for a in archs.split(",") if a.strip()] or (
@@ -263,6 +263,8 @@ def pipeline(data, profile, overrides, seed, cache_dir, archs, esc50, registered
     click.echo(table[columns].to_string(index=False, na_rep="-",
                                         float_format=lambda v: f"{v:.3f}",
                                         formatters={"selected_clips": "{:.0f}".format}))
+    click.echo(floor_verdict(table.iloc[-1]))
+
 
 # --- ensemble and serving commands (fat_mlflow.ensemble / fat_mlflow.tagger) below ---
 

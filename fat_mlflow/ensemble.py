@@ -28,6 +28,7 @@ import soundfile as sf
 from mlflow.tracking import MlflowClient
 
 from fat_mlflow.audio import load_audio
+from fat_mlflow.baseline import floor_test_lwlrap
 from fat_mlflow.config import FeatureConfig
 from fat_mlflow.data import FatDataset, dataset_fingerprint, load_dataset
 from fat_mlflow.metrics import lwlrap, per_class_lwlrap
@@ -60,6 +61,8 @@ from fat_mlflow.tracking import (
 EXAMPLE_SECONDS = 2.0
 TAG_LWLRAP = "lwlrap_test"
 TAG_SOURCES = "source_run_ids"
+TAG_FLOOR = "floor_lwlrap_test"  # the logistic floor on the same test clips
+TAG_BEATS_FLOOR = "fat.beats_floor"  # "false": not yet worth serving (fat_mlflow.baseline)
 
 
 @dataclass(frozen=True)
@@ -183,12 +186,13 @@ def alias_holder(client: MlflowClient, name: str, alias: str) -> VersionScore | 
 
 def build_ensemble(run_ids: list[str], registered_model: str = "fat2019-tagger",
                    alias: str = "champion", data: Path | str | None = None,
-                   progress: bool = True) -> tuple[str, str]:
+                   progress: bool = True, cache_dir: Path | None = None) -> tuple[str, str]:
     """Log the ensemble of `run_ids` as one pyfunc model, score it, register a new version.
 
     `data` (FAT2019 layout) must be the dataset the runs were trained on; when it has
-    test_truth.csv the ensemble's lwlrap_test decides the alias. Returns (ensemble run ID,
-    registered version number).
+    test_truth.csv the ensemble's lwlrap_test decides the alias, and the logistic floor
+    (fat_mlflow.baseline) is scored beside it on the same clips, from the feature cache in
+    `cache_dir`. Returns (ensemble run ID, registered version number).
     """
     configure_tracking()
     dataset = load_dataset(data) if data else None
@@ -210,11 +214,12 @@ def build_ensemble(run_ids: list[str], registered_model: str = "fat2019-tagger",
                                            spec.features.sample_rate)
                            if example_data is not None else None),
         )
-        score = None
+        score, floor = None, None
         if dataset is not None and dataset.has_test_truth:
             score = _log_evaluation(info, dataset, progress)
+            floor = _log_floor(dataset, spec.features, cache_dir, score)
         version = _register(info.model_uri, registered_model, alias,
-                            VersionScore(score, fingerprint), run_ids)
+                            VersionScore(score, fingerprint), run_ids, floor)
         mlflow.set_tag(TAG_COMPLETE, "true")
     return run.info.run_id, version
 
@@ -246,11 +251,27 @@ def _log_evaluation(info: mlflow.models.model.ModelInfo, dataset: FatDataset,
     return score
 
 
+def _log_floor(dataset: FatDataset, features: FeatureConfig, cache_dir: Path | None,
+               score: float) -> float | None:
+    """The floor's test lwlrap (the better of its two training sets) beside the ensemble's."""
+    floors = floor_test_lwlrap(dataset, features, cache_dir)
+    if not floors:
+        return None
+    mlflow.log_metrics({f"floor_lwlrap_{name}": value for name, value in floors.items()})
+    floor = max(floors.values())
+    mlflow.log_metric("lwlrap_test_above_floor", score - floor)
+    mlflow.set_tag(TAG_BEATS_FLOOR, str(score > floor).lower())
+    return floor
+
+
 def _register(model_uri: str, name: str, alias: str, score: VersionScore,
-              run_ids: list[str]) -> str:
+              run_ids: list[str], floor: float | None) -> str:
     tags = {TAG_SOURCES: ",".join(run_ids), TAG_DATASET: score.dataset or ""}
     if score.lwlrap is not None:
         tags[TAG_LWLRAP] = repr(score.lwlrap)  # full precision: ties compare exactly
+    if floor is not None:
+        tags[TAG_FLOOR] = repr(floor)
+        tags[TAG_BEATS_FLOOR] = str(score.lwlrap > floor).lower()
     version = mlflow.register_model(model_uri, name, tags=tags)
     client = MlflowClient()
     moved = takes_alias(score, alias_holder(client, name, alias))

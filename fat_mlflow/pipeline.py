@@ -296,7 +296,8 @@ def run_pipeline(request: PipelineRequest) -> tuple[str, pd.DataFrame]:
                   for arch in request.archs}
         table = stage_table(chains)
         ensemble_runs = [runs[s] for runs in chains.values() for s in ("stage2", "stage3", "stage4")]
-        ensemble_row = build_and_register(ensemble_runs, data, request.registered_model)
+        ensemble_row = build_and_register(ensemble_runs, data, request.registered_model,
+                                          request.cache_dir)
         table = pd.concat([table, pd.DataFrame([ensemble_row])], ignore_index=True)
         log_table(table, "report/stage_table.csv")
         scored = table.dropna(subset=["lwlrap_noisy", "lwlrap_curated", "lwlrap_test"], how="all")
@@ -305,11 +306,30 @@ def run_pipeline(request: PipelineRequest) -> tuple[str, pd.DataFrame]:
     return parent_id, table
 
 
-def build_and_register(run_ids: list[str], data: Path, registered_model: str) -> dict:
+def build_and_register(run_ids: list[str], data: Path, registered_model: str,
+                       cache_dir: Path | None) -> dict:
     from fat_mlflow.ensemble import build_ensemble
 
-    run_id, version = build_ensemble(run_ids, registered_model=registered_model, data=data)
+    run_id, version = build_ensemble(run_ids, registered_model=registered_model, data=data,
+                                     cache_dir=cache_dir)
     metrics = MlflowClient().get_run(run_id).data.metrics
     return {"model": "ensemble", "arch": "all",
             "stage": "ensemble", "run_id": run_id, "lwlrap_test": metrics.get("lwlrap_test"),
+            **{name: metrics.get(name, np.nan)
+               for name in ("floor_lwlrap_curated", "floor_lwlrap_curated_noisy")},
             "registered_version": version}
+
+
+def floor_verdict(ensemble_row: pd.Series) -> str:
+    """One line: the ensemble's test lwlrap against the logistic floor on the same clips."""
+    floors = {name.replace("_", " + "): ensemble_row.get(f"floor_lwlrap_{name}")
+              for name in ("curated", "curated_noisy")}
+    floors = {name: value for name, value in floors.items() if pd.notna(value)}
+    score = ensemble_row.get("lwlrap_test")
+    if not floors or pd.isna(score):
+        return "no test labels: the ensemble is not compared with the logistic floor"
+    floor = max(floors.values())
+    shown = ", ".join(f"{value:.3f} trained on {name}" for name, value in floors.items())
+    verdict = f"beats it by {score - floor:.3f}" if score > floor else \
+        f"DOES NOT beat it (short by {floor - score:.3f}): not yet worth serving"
+    return f"ensemble test lwlrap {score:.3f}; logistic floor {shown}: the ensemble {verdict}"

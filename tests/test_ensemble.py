@@ -21,12 +21,14 @@ from packaging.requirements import Requirement
 
 import fat_mlflow
 
+from fat_mlflow.baseline import floor_test_lwlrap
 from fat_mlflow.cli import main
 from fat_mlflow.config import get_profile
 from fat_mlflow.data import dataset_fingerprint, load_dataset
 from fat_mlflow.ensemble import VersionScore, build_ensemble, takes_alias
 from fat_mlflow.metrics import lwlrap
 from fat_mlflow.models import build_model, save_checkpoint
+from fat_mlflow.pipeline import floor_verdict
 from fat_mlflow.tracking import RunLookupError
 
 MODEL = "fat2019-tagger-test"
@@ -110,6 +112,34 @@ def test_mixed_cnn_and_vgg_runs_make_one_scored_model(first_build, runs, dataset
     model_version = MlflowClient().get_model_version(MODEL, version)
     assert model_version.tags["source_run_ids"] == f"{runs['cnn']},{runs['vgg']}"
     assert float(model_version.tags["lwlrap_test"]) == pytest.approx(expected)
+
+
+def test_the_logistic_floor_is_scored_beside_the_ensemble(first_build, dataset):
+    run_id, version = first_build
+    run = MlflowClient().get_run(run_id)
+    floors = floor_test_lwlrap(dataset, get_profile("tiny").features)
+    assert {f"floor_lwlrap_{name}": value for name, value in floors.items()} == {
+        key: pytest.approx(value) for key, value in run.data.metrics.items()
+        if key.startswith("floor_lwlrap_")}
+    floor, score = max(floors.values()), run.data.metrics["lwlrap_test"]
+    assert run.data.metrics["lwlrap_test_above_floor"] == pytest.approx(score - floor)
+    tags = MlflowClient().get_model_version(MODEL, version).tags
+    assert float(tags["floor_lwlrap_test"]) == pytest.approx(floor)
+    assert tags["fat.beats_floor"] == run.data.tags["fat.beats_floor"] == str(score > floor).lower()
+
+
+@pytest.mark.parametrize(("score", "expected"), [
+    (0.8, "ensemble test lwlrap 0.800; logistic floor 0.700 trained on curated, 0.650 trained on "
+          "curated + noisy: the ensemble beats it by 0.100"),
+    (0.6, "DOES NOT beat it (short by 0.100)")])
+def test_floor_verdict_names_both_floors_and_the_margin(score, expected):
+    row = pd.Series({"lwlrap_test": score, "floor_lwlrap_curated": 0.7,
+                     "floor_lwlrap_curated_noisy": 0.65})
+    assert expected in floor_verdict(row)
+
+
+def test_floor_verdict_without_test_labels():
+    assert "not compared" in floor_verdict(pd.Series({"lwlrap_test": np.nan}))
 
 
 def test_model_carries_signature_example_and_requirements(first_build, dataset):
