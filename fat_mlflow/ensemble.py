@@ -26,6 +26,7 @@ import mlflow
 import pandas as pd
 import soundfile as sf
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 
 from fat_mlflow.audio import load_audio
 from fat_mlflow.baseline import floor_test_lwlrap
@@ -261,7 +262,18 @@ def _log_floor(dataset: FatDataset, features: FeatureConfig, cache_dir: Path | N
     floor = max(floors.values())
     mlflow.log_metric("lwlrap_test_above_floor", score - floor)
     mlflow.set_tag(TAG_BEATS_FLOOR, str(score > floor).lower())
+    mlflow.set_tag(MLFLOW_RUN_NOTE, floor_sentence(score, floor))
     return floor
+
+
+def floor_sentence(score: float, floor: float) -> str:
+    """The run's and the model version's description: the floor comparison in words."""
+    if score > floor:
+        return (f"Test lwlrap {score:.3f}, {score - floor:.3f} above the logistic floor "
+                f"({floor:.3f}) trained on the same clips.")
+    return (f"Test lwlrap {score:.3f} is BELOW the logistic floor ({floor:.3f}) trained on the "
+            f"same clips: a linear model on clip-level log-mel statistics tags this test set "
+            f"better; not yet worth serving.")
 
 
 def _register(model_uri: str, name: str, alias: str, score: VersionScore,
@@ -274,6 +286,9 @@ def _register(model_uri: str, name: str, alias: str, score: VersionScore,
         tags[TAG_BEATS_FLOOR] = str(score.lwlrap > floor).lower()
     version = mlflow.register_model(model_uri, name, tags=tags)
     client = MlflowClient()
+    if floor is not None:
+        client.update_model_version(name, version.version,
+                                    description=floor_sentence(score.lwlrap, floor))
     moved = takes_alias(score, alias_holder(client, name, alias))
     if moved:
         client.set_registered_model_alias(name, alias, version.version)

@@ -126,6 +126,10 @@ def test_the_logistic_floor_is_scored_beside_the_ensemble(first_build, dataset):
     tags = MlflowClient().get_model_version(MODEL, version).tags
     assert float(tags["floor_lwlrap_test"]) == pytest.approx(floor)
     assert tags["fat.beats_floor"] == run.data.tags["fat.beats_floor"] == str(score > floor).lower()
+    words = MlflowClient().get_model_version(MODEL, version).description
+    assert words == run.data.tags["mlflow.note.content"]
+    assert f"{score:.3f}" in words and f"{floor:.3f}" in words
+    assert ("BELOW" in words) == (score <= floor)
 
 
 @pytest.mark.parametrize(("score", "expected"), [
