@@ -113,10 +113,10 @@ def ablation_profile(base: Profile, ablation: Ablation, seed: int, threads: int)
     return replace(profile, train=replace(profile.train, seed=seed, num_threads=threads))
 
 
-def finished_pipeline(key: str) -> str | None:
-    """The newest finished pipeline run of this key in the current experiment, if any."""
+def finished_pipeline(key: str, tag: str = TAG_KEY) -> str | None:
+    """The newest finished pipeline run whose `tag` is `key` in the current experiment."""
     runs = mlflow.search_runs(
-        filter_string=f"tags.`{TAG_KEY}` = '{key}' and attributes.status = 'FINISHED'",
+        filter_string=f"tags.`{tag}` = '{key}' and attributes.status = 'FINISHED'",
         order_by=["attributes.start_time DESC"], output_format="list",
     )
     return next((r.info.run_id for r in runs if TAG_PIPELINE in r.data.tags), None)

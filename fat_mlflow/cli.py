@@ -14,6 +14,14 @@ from fat_mlflow.config import PROFILES, DemoConfig, Profile, get_profile, parse_
 from fat_mlflow.demo import CLIP_CHOICES
 from fat_mlflow.esc50 import SOURCES_HELP
 
+def _int_list(text: str, hint: str) -> list[int]:
+    try:
+        return [int(item) for item in text.split(",") if item.strip()]
+    except ValueError as error:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of integers",
+                                 param_hint=hint) from error
+
+
 def _profile(name: str, overrides: tuple[str, ...], seed: int | None) -> Profile:
     try:
         values = parse_overrides([item for group in overrides for item in group.split()])
@@ -401,11 +409,7 @@ def ablations(data, profile, overrides, cache_dir, seeds, only, jobs, out_dir, e
 
     from fat_mlflow.ablations import ABLATIONS, AblationRequest, run_ablations
 
-    try:
-        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
-    except ValueError as error:
-        raise click.BadParameter(f"{seeds!r} is not a comma-separated list of integers",
-                                 param_hint="--seeds") from error
+    seed_list = _int_list(seeds, "--seeds")
     names = [n.strip() for n in only.split(",") if n.strip()] or list(ABLATIONS)
     try:
         request = AblationRequest(profile=_profile(profile, overrides, None), seeds=seed_list,
@@ -418,6 +422,52 @@ def ablations(data, profile, overrides, cache_dir, seeds, only, jobs, out_dir, e
     summary = run_ablations(request, out_dir, command)
     click.echo(summary.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     click.echo(f"report: {out_dir / 'ablations.md'}")
+
+
+@main.command()
+@settings_options
+@cache_option
+@click.option("--seeds", default="42", show_default=True,
+              help="Comma-separated seeds; every point runs once per seed.")
+@click.option("--budgets", default="0.125x16,0.125x32,0.25x8,0.25x16,0.25x32", show_default=True,
+              metavar="WIDTHxEPOCHS[,...]",
+              help="The budget axis: network width x epochs per fold, on the default demo.")
+@click.option("--curated-per-class", "curated", default="3,6,9,0", show_default=True,
+              help="The data axis: at most this many curated clips per class (0 = all), at the "
+                   "profile's width and epochs.")
+@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path),
+              default=Path("docs/study"), show_default=True,
+              help="Where study.md, the CSV and the figures are written.")
+@esc50_option
+def study(profile, overrides, cache_dir, seeds, budgets, curated, out_dir, esc50):
+    """Test lwlrap of the pipeline and of the logistic floor against the training budget and
+    against curated clips per class: where the CNN passes the floor.
+
+    Each point at each seed is a whole pipeline run in the tracking store, reused when it
+    already finished (stage runs shared with other pipelines are reused too).
+    """
+    import shlex
+    import sys
+
+    from fat_mlflow.study import StudyRequest, run_study
+
+    try:
+        budget_list = [(float(width), int(epochs)) for width, epochs in
+                       (item.strip().split("x") for item in budgets.split(",") if item.strip())]
+    except ValueError as error:
+        raise click.BadParameter(f"{budgets!r}: expected WIDTHxEPOCHS items, e.g. 0.25x32",
+                                 param_hint="--budgets") from error
+    try:
+        request = StudyRequest(profile=_profile(profile, overrides, None),
+                               seeds=_int_list(seeds, "--seeds"), budgets=budget_list,
+                               curated_per_class=_int_list(curated, "--curated-per-class"),
+                               esc50=esc50, cache_dir=cache_dir)
+    except ValueError as error:
+        raise click.BadParameter(str(error)) from error
+    command = "fat-mlflow " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    summary = run_study(request, out_dir, command)
+    click.echo(summary.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    click.echo(f"report: {out_dir / 'study.md'}")
 
 # --- benchmarks (fat_mlflow.benchmarks.report) ---
 

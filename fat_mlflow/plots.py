@@ -71,3 +71,22 @@ def plot_ablations(report: pd.DataFrame) -> Figure:
     axis.tick_params(axis="y", labelsize=8)
     figure.tight_layout()
     return figure
+
+
+def plot_study_axis(points: pd.DataFrame, x: str, xlabel: str) -> Figure:
+    """Ensemble test lwlrap per network width against `x`, the logistic floors dashed."""
+    figure, axis = plt.subplots(figsize=(6.5, 4))
+    for width, curve in points.groupby("width"):
+        axis.plot(curve[x], curve["ensemble_test"], marker="o",
+                  label=f"CNN pipeline, width {width:g}")
+    floors = points.drop_duplicates(x).sort_values(x)
+    for column, label in (("logreg_curated_test", "floor: logistic regression, curated"),
+                          ("logreg_curated_noisy_test", "floor: the same, curated + noisy")):
+        if column in floors:
+            axis.plot(floors[x], floors[column], linestyle="--", color="gray",
+                      marker="x" if "noisy" in column else "", label=label)
+    axis.set(xlabel=xlabel, ylabel="test lwlrap", title=f"demo test lwlrap against {xlabel}")
+    axis.legend(fontsize=8)
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    return figure
