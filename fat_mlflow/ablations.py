@@ -128,17 +128,22 @@ def run_one(request: AblationRequest, data: Path, ablation: Ablation, seed: int,
     profile = ablation_profile(request.profile, ablation, seed, threads)
     dataset = load_dataset(data)
     key = ablation_key(ablation, profile, dataset_fingerprint(dataset))
-    pipeline_id = finished_pipeline(key)
-    if pipeline_id:
-        click.echo(f"{ablation.name} seed {seed}: reusing pipeline run {pipeline_id}")
-    else:
-        click.echo(f"{ablation.name} seed {seed}: training")
-        pipeline_id, _ = run_pipeline(PipelineRequest(
-            data=data, profile=profile, archs=["cnn"], esc50=request.esc50,
-            registered_model=f"fat-ablation-{ablation.name}", warm_start=ablation.warm_start,
-            cache_dir=request.cache_dir, progress=False,
-            tags={TAG_ABLATION: ablation.name, TAG_KEY: key, "fat.seed": str(seed)}))
+    pipeline_id = reused_or_trained(f"{ablation.name} seed {seed}", TAG_KEY, PipelineRequest(
+        data=data, profile=profile, archs=["cnn"], esc50=request.esc50,
+        registered_model=f"fat-ablation-{ablation.name}", warm_start=ablation.warm_start,
+        cache_dir=request.cache_dir, progress=False,
+        tags={TAG_ABLATION: ablation.name, TAG_KEY: key, "fat.seed": str(seed)}))
     return pipeline_row(pipeline_id, dataset) | {"ablation": ablation.name, "seed": seed}
+
+
+def reused_or_trained(label: str, key_tag: str, request: PipelineRequest) -> str:
+    """The finished pipeline run whose `key_tag` matches `request`'s, else a new one."""
+    pipeline_id = finished_pipeline(request.tags[key_tag], key_tag)
+    if pipeline_id:
+        click.echo(f"{label}: reusing pipeline run {pipeline_id}")
+        return pipeline_id
+    click.echo(f"{label}: training")
+    return run_pipeline(request)[0]
 
 
 def pipeline_row(pipeline_id: str, dataset: FatDataset) -> dict:

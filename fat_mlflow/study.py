@@ -23,12 +23,12 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from fat_mlflow.ablations import baseline_row, finished_pipeline, pipeline_row, report_cells
+from fat_mlflow.ablations import baseline_row, pipeline_row, report_cells, reused_or_trained
 from fat_mlflow.config import DemoConfig, Profile
 from fat_mlflow.data import dataset_fingerprint, load_dataset
 from fat_mlflow.demo import SUMMARY_FILE, build_demo_dataset
 from fat_mlflow.esc50 import locate_esc50
-from fat_mlflow.pipeline import PipelineRequest, run_pipeline
+from fat_mlflow.pipeline import PipelineRequest
 from fat_mlflow.plots import plot_study_axis
 from fat_mlflow.tracking import TAG_STAGE, configure_tracking
 
@@ -99,15 +99,10 @@ def run_point(request: StudyRequest, point: StudyPoint, seed: int) -> dict:
     profile = request.profile.override({"train.width": point.width, "train.epochs": point.epochs,
                                         "train.seed": seed})
     key = point_key(point, profile, dataset_fingerprint(dataset))
-    pipeline_id = finished_pipeline(key, TAG_STUDY_KEY)
-    if pipeline_id:
-        click.echo(f"{point.label()}, seed {seed}: reusing pipeline run {pipeline_id}")
-    else:
-        click.echo(f"{point.label()}, seed {seed}: training")
-        pipeline_id, _ = run_pipeline(PipelineRequest(
-            data=data, profile=profile, archs=["cnn"], esc50=request.esc50,
-            registered_model="fat-study", cache_dir=request.cache_dir, progress=False,
-            tags={TAG_STUDY: point.axis, TAG_STUDY_KEY: key, "fat.seed": str(seed)}))
+    pipeline_id = reused_or_trained(f"{point.label()}, seed {seed}", TAG_STUDY_KEY, PipelineRequest(
+        data=data, profile=profile, archs=["cnn"], esc50=request.esc50,
+        registered_model="fat-study", cache_dir=request.cache_dir, progress=False,
+        tags={TAG_STUDY: point.axis, TAG_STUDY_KEY: key, "fat.seed": str(seed)}))
     per_class = dataset.curated["labels"].map(len).sum() / len(dataset.vocabulary)
     return {"axis": point.axis, "width": point.width, "epochs": point.epochs,
             "curated_per_class": round(per_class, 1), "seed": seed,
