@@ -198,10 +198,11 @@ class ScoringPath:
     precision: Precision
     optimised: bool  # scoring copies and 1-thread log-mels (the served path), or eager
 
-    def describe(self) -> str:
+    def describe(self, details: bool = True) -> str:
         number = "bf16 autocast" if self.precision.bfloat16 else "float32"
         if self.optimised:
-            return f"{number}, served path (BN folded, NHWC, log-mel on 1 BLAS thread)"
+            return f"{number}, served path" + (
+                " (BN folded, NHWC, log-mel on 1 BLAS thread)" if details else "")
         layout = "NHWC from 16 channels" if self.precision.channels_last else "NCHW"
         return f"{number}, eager (BN unfused, {layout}, log-mel on all BLAS threads)"
 
@@ -281,8 +282,9 @@ def run(clips: Sequence[Path], size: BenchmarkProfile, model_uri: str | None = N
     served_as = ScoringPath("pyfunc", tagger.precision, True)
     labels = {
         **{path.key: (f"ensemble, {path.describe()}", "direct", path) for path in paths},
-        "pyfunc": (f"ensemble, pyfunc in process ({served_as.describe()})", "pyfunc", served_as),
-        "http": (f"ensemble, HTTP (mlflow models serve, {served_as.describe()})", "http",
+        "pyfunc": (f"ensemble, pyfunc in process ({served_as.describe(False)})", "pyfunc",
+                   served_as),
+        "http": (f"ensemble, HTTP (mlflow models serve, {served_as.describe(False)})", "http",
                  served_as),
         "decode": ("decode + log-mel only (shared by all models)", "preprocessing", None),
     }

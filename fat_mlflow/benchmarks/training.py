@@ -69,9 +69,11 @@ def load_npy_dir(folder: Path, n: int) -> list[np.ndarray]:
     return [np.load(path) for path in files]
 
 
-def matmul_flops_per_s(device: torch.device, n: int, repeats: int,
-                       dtype: torch.dtype) -> float:
-    """Median FLOP/s of n x n matmuls in `dtype`: a peak the training rows are compared with."""
+def matmul_products(device: torch.device, n: int,
+                    dtype: torch.dtype) -> tuple[Callable[[], None], float]:
+    """A call of enough n x n matmuls in `dtype` to dwarf the timer's resolution (at least
+    MIN_MATMUL_SECONDS), and its FLOPs: what a peak the training rows are compared with is
+    timed on."""
     generator = torch.Generator().manual_seed(0)
     a = torch.randn(n, n, generator=generator).to(device, dtype)
     b = torch.randn(n, n, generator=generator).to(device, dtype)
@@ -83,10 +85,10 @@ def matmul_flops_per_s(device: torch.device, n: int, repeats: int,
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    products()  # warm-up, then enough products per timing to dwarf the timer's resolution
+    products()  # warm-up
     while (seconds := timed(products, 1)[0]) < MIN_MATMUL_SECONDS:
         count *= max(2, min(16, int(MIN_MATMUL_SECONDS / max(seconds, 1e-6))))
-    return 2 * n**3 * count / median(timed(products, repeats))
+    return products, 2 * n**3 * count
 
 
 def training_steps(profile_name: str, arch: str, width: float, precision: Precision,
@@ -138,9 +140,12 @@ def run(size: BenchmarkProfile, device: torch.device,
     on_gpu = device.type == "cuda"
     matmul_n = GPU_MATMUL_N if on_gpu else size.matmul_n
     formats = precisions(device)
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-    peaks = {name: matmul_flops_per_s(device, matmul_n, size.repeats, dtypes[name])
-             for name in ("float32", "bfloat16")}
+    products = {name: matmul_products(device, matmul_n, dtype)
+                for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16))}
+    matmul_seconds = timed_alternately({name: call for name, (call, _) in products.items()},
+                                       size.repeats)
+    peaks = {name: flops / median(matmul_seconds[name])
+             for name, (_, flops) in products.items()}
 
     def shares(flop_per_s: float, speed_vs_float32: float) -> dict[str, float]:
         return {"tflop_per_s": flop_per_s / 1e12,
