@@ -86,7 +86,8 @@ class ServingConfig:
     batch_clips: int = 16  # clips per request when the CLI scores a folder
     # BLAS threads of a request's log-mels (0: the library's default, one per core). One is
     # faster: the mel products are small, and idle BLAS threads spin on the cores the
-    # networks run on next (served clip on 2 cores: 134 -> 68 ms, docs/benchmarks.md).
+    # networks run on next (log-mel + scoring of one clip by 9 fold models, 2 threads on a
+    # busy 2-core machine: 134 -> 68 ms; docs/benchmarks.md).
     log_mel_blas_threads: int = 1
 
 
