@@ -495,8 +495,8 @@ def study(profile, overrides, cache_dir, seeds, budgets, curated, out_dir, esc50
 def benchmark(only: str, size: str, repeats: int, data: str, esc50: str, model_uri: str,
               out: Path) -> None:
     """Speed benchmarks, each against a baseline measured in the same run: features (cache vs a
-    librosa loop), training (samples/s vs the matmul peak), inference (ensemble vs one fold
-    model). Each result is an MLflow run; the tables go to --out."""
+    librosa loop), training (float32 and bf16 samples/s vs both matmul peaks), inference (the
+    served ensemble vs eager float32). Each result is an MLflow run; the tables go to --out."""
     from fat_mlflow.benchmarks.report import BenchmarkRequest, run_benchmarks
 
     try:

@@ -113,6 +113,11 @@ class ServingConfig:
     max_clip_bytes: int = 50_000_000  # encoded audio, i.e. the file or the decoded base64
     max_clip_seconds: float = 600.0  # 10 minutes of audio
     batch_clips: int = 16  # clips per request when the CLI scores a folder
+    # BLAS threads of a request's log-mels (0: the library's default, one per core). One is
+    # faster: the mel products are small, and idle BLAS threads spin on the cores the
+    # networks run on next (log-mel + scoring of one clip by 9 fold models, 2 threads on a
+    # busy 2-core machine: 134 -> 68 ms; docs/benchmarks.md).
+    log_mel_blas_threads: int = 1
 
 
 @dataclass(frozen=True)

@@ -116,10 +116,12 @@ def run_cross_validation(
 
 
 def _score_fold(model, fold, sets, test, cfg, precision) -> FoldResult:
+    scoring = precision.prepare_for_scoring(model)  # as the served tagger scores
+
     def score(specs):
         if not specs:
             return np.zeros((0, len(next(iter(sets.values())).targets[0])), np.float32)
-        return predict_spectrograms([model], specs, cfg.crop_frames, cfg.window_step,
+        return predict_spectrograms([scoring], specs, cfg.crop_frames, cfg.window_step,
                                     cfg.eval_batch_size, precision)
 
     oof, fold_lwlrap = {}, {}

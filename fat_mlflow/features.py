@@ -12,7 +12,7 @@ import os
 import re
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Iterator
@@ -158,14 +158,14 @@ class FeatureCache:
         workers = min(n_jobs if n_jobs > 0 else (os.cpu_count() or 1), max(1, len(todo)))
         bar = tqdm(total=len(todo), desc="log-mel", unit="clip", disable=not progress)
         with bar:
-            for path, result in self._run(todo, workers):
+            for path, target, result in self._run(todo, workers):
                 if isinstance(result, str):
                     stats.failures[path] = result
                 else:
                     audio_seconds, written = result
                     stats.n_computed += 1
                     stats.audio_seconds += audio_seconds
-                    stats.bytes += written
+                    stats.bytes += _commit(Path(written), Path(target))
                 bar.update()
         stats.n_failed = len(stats.failures)
         stats.seconds = time.perf_counter() - start
@@ -173,24 +173,33 @@ class FeatureCache:
 
     def _run(
         self, todo: list[tuple[str, str]], workers: int
-    ) -> Iterator[tuple[str, tuple[float, int] | str]]:
-        """(path, worker result) pairs in order; in-process when one worker suffices."""
+    ) -> Iterator[tuple[str, str, tuple[float, str] | str]]:
+        """(path, target, worker result) as clips finish; in-process when one worker suffices.
+
+        One clip per task, so no worker idles at the end while another still has a chunk;
+        the workers only write temporary files and this process makes them durable and
+        renames them (`_commit`) while the workers go on to their next clip.
+        """
         jobs = [(path, target, self.cfg) for path, target in todo]
         if workers <= 1:
             with threadpool_limits(limits=1):
-                yield from zip((p for p, _ in todo), map(_compute_one, jobs))
+                for job in jobs:
+                    yield job[0], job[1], _compute_one(job)
             return
         # One BLAS thread per process: clips are the unit of parallelism, and threaded BLAS on
         # the small mel products is several times slower than single-threaded (bench_features).
         with ProcessPoolExecutor(
             max_workers=workers, initializer=threadpool_limits, initargs=(1,)
         ) as pool:
-            chunk = max(1, min(16, len(jobs) // (workers * 4)))
-            yield from zip((p for p, _ in todo), pool.map(_compute_one, jobs, chunksize=chunk))
+            futures = {pool.submit(_compute_one, job): job for job in jobs}
+            for future in as_completed(futures):
+                path, target, _ = futures[future]
+                yield path, target, future.result()
 
 
-def _compute_one(job: tuple[str, str, FeatureConfig]) -> tuple[float, int] | str:
-    """Worker: (audio seconds, bytes written) on success, the failure reason otherwise."""
+def _compute_one(job: tuple[str, str, FeatureConfig]) -> tuple[float, str] | str:
+    """Worker: (audio seconds, temporary file beside the target) on success, the failure
+    reason otherwise."""
     path, target, cfg = job
     try:
         wave = load_audio(path, cfg.sample_rate)
@@ -199,20 +208,31 @@ def _compute_one(job: tuple[str, str, FeatureConfig]) -> tuple[float, int] | str
         return error.reason
     except OSError as error:
         return f"cannot read file: {error}"
-    written = _atomic_write(Path(target), lambda handle: np.save(handle, spec))
-    return wave.size / cfg.sample_rate, written
+    written = _write_temporary(Path(target).parent, lambda handle: np.save(handle, spec))
+    return wave.size / cfg.sample_rate, str(written)
 
 
 def _atomic_write(target: Path, write: Callable[[BinaryIO], object]) -> int:
     """Write via a temp file in the same folder + os.replace: readers never see half a file."""
-    with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".tmp", delete=False) as tmp:
+    return _commit(_write_temporary(target.parent, write), target)
+
+
+def _write_temporary(folder: Path, write: Callable[[BinaryIO], object]) -> Path:
+    """A new temporary file in `folder` holding what `write` wrote; removed if that fails."""
+    with tempfile.NamedTemporaryFile(dir=folder, suffix=".tmp", delete=False) as tmp:
         try:
             write(tmp)
-            tmp.flush()
-            os.fsync(tmp.fileno())
         except BaseException:
             tmp.close()
             os.unlink(tmp.name)
             raise
-    os.replace(tmp.name, target)
+    return Path(tmp.name)
+
+
+def _commit(written: Path, target: Path) -> int:
+    """Make a written temporary file durable (fsync), then rename it over `target` atomically;
+    returns its size."""
+    with written.open("rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(written, target)
     return target.stat().st_size

@@ -25,8 +25,8 @@ def predict_spectrograms(
     Windows of many clips share one batch, and each batch is standardised once and fed
     to every model, so an ensemble costs one preprocessing pass. The models run as
     `precision` says (as in training: bf16 autocast where the device has bf16 units); they
-    must already be on its device, in its layout (`Precision.prepare`). Default: the CPU,
-    float32.
+    must already be on its device, in its layout (`Precision.prepare_for_scoring`, or
+    `Precision.prepare` for a model still in training). Default: the CPU, float32.
     """
     if not models:
         raise ValueError("predict_spectrograms needs at least one model")

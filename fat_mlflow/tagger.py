@@ -28,12 +28,13 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import functools
 import importlib.metadata
 import io
 import json
 import os
 import stat
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,7 @@ from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types.schema import ColSpec, DataType, ParamSchema, ParamSpec, Schema
 from packaging.requirements import Requirement
+from threadpoolctl import ThreadpoolController
 from torch import nn
 
 from fat_mlflow.audio import AudioError, decode_audio_bytes, load_audio
@@ -175,7 +177,15 @@ def clip_spectrogram(path: Any, encoded: Any, features: FeatureConfig,
     if wave.size > limits.max_clip_seconds * features.sample_rate:
         raise AudioError(name, f"{wave.size / features.sample_rate:.0f} s of audio, over the "
                                f"limit of {limits.max_clip_seconds:.0f} s")
-    return log_mel(wave, features, name)
+    with _blas_libraries().limit(limits=limits.log_mel_blas_threads or None, user_api="blas"):
+        return log_mel(wave, features, name)  # limits None: the library's default
+
+
+@functools.cache
+def _blas_libraries() -> ThreadpoolController:
+    """The BLAS libraries loaded by the first request (numpy's, which the mel products use),
+    found once: threadpoolctl's search costs ~3 ms, a limit on a found library ~30 us."""
+    return ThreadpoolController()
 
 
 def _present(value: Any) -> bool:
@@ -245,6 +255,15 @@ def _check_declared_length(name: str | Path, source: Path | io.BytesIO,
                                f"{limits.max_clip_seconds:.0f} s")
 
 
+def load_members(spec: EnsembleSpec, checkpoints: dict[str, str],
+                 prepare: Callable[[nn.Module], nn.Module]
+                 ) -> list[tuple[list[nn.Module], MemberRun]]:
+    """Each source run's fold models, loaded from `checkpoints` (artifact key -> file) and
+    made ready to score by `prepare`."""
+    return [([prepare(load_checkpoint(checkpoints[key])) for key in member.checkpoints], member)
+            for member in spec.members]
+
+
 def ensemble_scores(members: Sequence[tuple[Sequence[nn.Module], MemberRun]],
                     specs: Sequence[np.ndarray], batch_size: int,
                     precision: Precision) -> np.ndarray:
@@ -297,7 +316,8 @@ class FatTagger(mlflow.pyfunc.PythonModel):
     """The pyfunc model: rows of audio in, one score per class (vocabulary order) out.
 
     It scores in bfloat16 where the machine has bf16 units, like training; `amp` false (model
-    config, or FAT_MLFLOW_AMP=false) keeps it in float32.
+    config, or FAT_MLFLOW_AMP=false) keeps it in float32. Either way its fold models are
+    scoring copies (`Precision.prepare_for_scoring`: BatchNorm folded, channels_last).
     """
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
@@ -305,11 +325,10 @@ class FatTagger(mlflow.pyfunc.PythonModel):
         self.spec = EnsembleSpec.from_json(Path(context.artifacts[SPEC_ARTIFACT]).read_text())
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.precision = resolve_precision(device, amp_setting(context.model_config))
-        self.members = [
-            ([self.precision.prepare(load_checkpoint(context.artifacts[key]))
-              for key in member.checkpoints], member)
-            for member in self.spec.members
-        ]
+        self.checkpoints = {key: context.artifacts[key]
+                            for member in self.spec.members for key in member.checkpoints}
+        self.members = load_members(self.spec, self.checkpoints,
+                                    self.precision.prepare_for_scoring)
 
     def predict(self, context: mlflow.pyfunc.PythonModelContext, model_input: pd.DataFrame,
                 params: dict[str, Any] | None = None) -> pd.DataFrame:

@@ -17,7 +17,9 @@ import yaml
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
+from fat_mlflow.benchmarks.training import CONFIGS as TRAINING_CONFIGS
 from fat_mlflow.cli import main
+from fat_mlflow.precision import bf16_units
 from fat_mlflow.tracking import DEFAULT_EXPERIMENT
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,6 +46,12 @@ def _children(tracking_uri: str) -> tuple[mlflow.entities.Run, dict[str, list]]:
 
 def _by_setting(runs: list) -> dict[str, mlflow.entities.Run]:
     return {run.data.params["setting"]: run for run in runs}
+
+
+def _by_path(runs: list, path: str) -> mlflow.entities.RunData:
+    """The one inference result measured along `path` (pyfunc, http, preprocessing)."""
+    [run] = [run for run in runs if run.data.params["path"] == path]
+    return run.data
 
 
 def test_every_result_is_a_run_with_sane_figures_and_the_tables_are_written(
@@ -79,32 +87,53 @@ def test_every_result_is_a_run_with_sane_figures_and_the_tables_are_written(
             float(run.data.params["audio_seconds"]) / m["seconds"], rel=1e-3)
 
     training = grouped["training"]
-    peak = next(r for r in training if r.data.params["measure"] == "peak").data.metrics
-    assert peak["share_of_peak"] == 1.0
-    nets = {(r.data.params["profile"], r.data.params["arch"]): r for r in training
+    peaks = {r.data.params["dtype"]: r.data.metrics for r in training
+             if r.data.params["measure"] == "peak"}
+    assert set(peaks) == {"float32", "bfloat16"}
+    assert peaks["float32"]["share_of_float32_peak"] == 1.0
+    assert peaks["bfloat16"]["share_of_bfloat16_peak"] == 1.0
+    formats = ["False", "True"] if bf16_units(torch.device("cpu")) else ["False"]
+    nets = {(r.data.params["profile"], r.data.params["arch"], r.data.params["width"],
+             r.data.params["amp_bfloat16"]): r for r in training
             if r.data.params["measure"] == "training"}
-    assert set(nets) == {("quick", "cnn"), ("paper", "cnn"), ("paper", "vgg16")}
-    gflop = {key: run.data.metrics["gflop_fwd_per_sample"] for key, run in nets.items()}
-    assert gflop[("quick", "cnn")] < gflop[("paper", "cnn")] < gflop[("paper", "vgg16")]
-    for key, run in nets.items():
+    assert set(nets) == {(profile, arch, str(width), amp)
+                         for profile, arch, width in TRAINING_CONFIGS for amp in formats}
+    gflop = [nets[(profile, arch, str(width), "False")].data.metrics["gflop_fwd_per_sample"]
+             for profile, arch, width in TRAINING_CONFIGS]
+    assert gflop == sorted(gflop) and len(set(gflop)) == len(gflop)
+    for (profile, arch, width, _), run in nets.items():
         m = run.data.metrics
-        assert run.data.params["batch"] == ("16" if key[0] == "quick" else "2")
+        float32 = nets[(profile, arch, width, "False")].data.metrics
+        assert run.data.params["batch"] == ("16" if profile == "quick" else "2")
         assert run.data.params["input"].startswith("the cached log-mels of 6 clips")
         assert m["tflop_per_s"] == pytest.approx(3 * m["gflop_fwd_per_sample"] * 1e9
                                                  * m["samples_per_s"] / 1e12)
-        assert m["share_of_peak"] == pytest.approx(m["tflop_per_s"] / peak["tflop_per_s"])
+        for name, peak in peaks.items():
+            assert m[f"share_of_{name}_peak"] == pytest.approx(
+                m["tflop_per_s"] / peak["tflop_per_s"])
+        assert m["speed_vs_float32"] == pytest.approx(m["samples_per_s"]
+                                                      / float32["samples_per_s"])
 
-    inference = _by_setting(grouped["inference"])
-    single = inference["one cnn fold model, fat_mlflow.predict"].data.metrics
-    ensemble = inference["ensemble of 6 fold models, pyfunc in process"].data.metrics
-    decode = inference["decode + log-mel only (shared by all models)"].data.metrics
-    assert single["latency_speed_vs_baseline"] == single["throughput_vs_baseline"] == 1.0
-    for m in (single, ensemble, decode):
+    inference = grouped["inference"]
+    base = next(r for r in inference if r.data.params["baseline"] == "True").data
+    assert base.params["setting"].startswith("ensemble, float32, eager")
+    base = base.metrics
+    direct = {(r.data.params["precision"], r.data.params["served_path"]): r.data.metrics
+              for r in inference if r.data.params["path"] == "direct"}
+    precisions = ["float32", "bfloat16"] if formats == ["False", "True"] else ["float32"]
+    assert set(direct) == {(name, served) for name in precisions for served in ("False", "True")}
+    pyfunc = _by_path(inference, "pyfunc")
+    decode = _by_path(inference, "preprocessing")
+    assert pyfunc.params["n_fold_models"] == "6"
+    assert pyfunc.params["precision"] == precisions[-1] and pyfunc.params["served_path"] == "True"
+    assert base["latency_speed_vs_baseline"] == base["throughput_vs_baseline"] == 1.0
+    for m in (*direct.values(), pyfunc.metrics, decode.metrics):
         assert m["p95_ms"] >= m["p50_ms"]
-        assert m["latency_speed_vs_baseline"] == pytest.approx(single["p50_ms"] / m["p50_ms"])
-    assert ensemble["throughput_vs_baseline"] == pytest.approx(
-        ensemble["clips_per_s"] / single["clips_per_s"])
-    assert "clips_per_s" not in decode
+        assert m["latency_speed_vs_baseline"] == pytest.approx(base["p50_ms"] / m["p50_ms"])
+    for m in (*direct.values(), pyfunc.metrics):
+        assert m["throughput_vs_baseline"] == pytest.approx(m["clips_per_s"]
+                                                            / base["clips_per_s"])
+    assert "clips_per_s" not in decode.metrics
 
     text = out.read_text()
     assert text == mlflow.artifacts.load_text(f"runs:/{parent.info.run_id}/benchmarks.md")
@@ -126,11 +155,10 @@ def test_a_given_model_is_measured_alone(tracking, tmp_path, esc50_dir):
                "--out", str(tmp_path / "b.md"))
     _, grouped = _children(tracking)
     assert set(grouped) == {"inference"}
-    runs = _by_setting(grouped["inference"])
-    ensemble = runs["ensemble of 2 fold models, pyfunc in process"]
-    assert ensemble.data.params["model"] == str(model)
-    assert ensemble.data.params["n_fold_models"] == "2"
-    assert float(ensemble.data.params["latency_clip_seconds"]) == pytest.approx(5, abs=0.1)
+    ensemble = _by_path(grouped["inference"], "pyfunc")
+    assert ensemble.params["model"] == str(model)
+    assert ensemble.params["n_fold_models"] == "2"
+    assert float(ensemble.params["latency_clip_seconds"]) == pytest.approx(5, abs=0.1)
 
 
 def test_unknown_benchmark_is_refused_before_any_run(tracking, tmp_path):
@@ -169,6 +197,9 @@ def test_training_benchmark_runs_without_mlflow_and_librosa(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [line for line in done.stdout.splitlines() if line.startswith("| ")]
     assert rows[1].startswith("| matmul 1024x1024, float32 (baseline) |")
-    assert rows[2].startswith("| quick, cnn, width 0.25, batch 16 |")
-    assert len(rows) == 3
+    assert rows[2].startswith("| matmul 1024x1024, bfloat16 |")
+    assert rows[3].startswith("| quick, cnn, width 0.25, batch 16, float32 |")
+    if bf16_units(torch.device("cpu")):
+        assert rows[4].startswith("| quick, cnn, width 0.25, batch 16, bfloat16 + channels_last |")
+    assert len(rows) == 4 + (bf16_units(torch.device("cpu")) is not None)
     assert f"log-mels from {tmp_path}" in done.stdout

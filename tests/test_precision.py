@@ -1,5 +1,6 @@
-"""bfloat16 autocast and channels_last on the CPU: when they are chosen, and that a bf16 step
-computes what a float32 step computes, to bf16's precision, on real log-mels."""
+"""bfloat16 autocast and channels_last on the CPU: when they are chosen, that a bf16 step
+computes what a float32 step computes, to bf16's precision, on real log-mels, and that a
+scoring copy (BatchNorm folded) scores what the model it was made from scores."""
 import copy
 
 import numpy as np
@@ -13,6 +14,7 @@ from fat_mlflow.config import AugmentConfig, FeatureConfig
 from fat_mlflow.dataset import training_batches
 from fat_mlflow.features import log_mel
 from fat_mlflow.models import build_model
+from fat_mlflow.predict import predict_spectrograms
 from fat_mlflow.precision import (
     CPU_CHANNELS_LAST_MIN_CHANNELS,
     Precision,
@@ -31,14 +33,25 @@ N_CLASSES = 10
 SCORE_ATOL = 0.02
 LOSS_RTOL = 0.01
 OUTPUT_GRADIENT_COSINE = 0.98
+# Folding BatchNorm into a convolution only reorders float32 arithmetic
+FUSED_SCORE_ATOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def real_batch(esc50_dir):
-    """16 random 128-frame crops of real ESC-50 clips, with one-hot targets."""
-    clips = sorted((esc50_dir / "audio").iterdir())[:16]
+def real_specs(esc50_dir):
+    """Whole log-mels of 6 real ESC-50 clips: several inference windows each."""
+    clips = sorted((esc50_dir / "audio").iterdir())[:6]
     features = FeatureConfig()
-    specs = [log_mel(load_audio(path, features.sample_rate), features) for path in clips]
+    return [log_mel(load_audio(path, features.sample_rate), features) for path in clips]
+
+
+@pytest.fixture(scope="module")
+def real_batch(esc50_dir, real_specs):
+    """16 random 128-frame crops of real ESC-50 clips, with one-hot targets."""
+    clips = sorted((esc50_dir / "audio").iterdir())[len(real_specs):16]
+    features = FeatureConfig()
+    specs = real_specs + [log_mel(load_audio(path, features.sample_rate), features)
+                          for path in clips]
     targets = np.eye(N_CLASSES, dtype=np.float32)[np.arange(len(specs)) % N_CLASSES]
     return next(training_batches(specs, targets, len(specs), 128, np.random.default_rng(0)))
 
@@ -92,3 +105,27 @@ def test_a_bf16_step_agrees_with_a_float32_step_on_the_same_batch(real_batch, ar
     assert (scores16 - scores32).abs().max() < SCORE_ATOL
     assert loss16 == pytest.approx(loss32, rel=LOSS_RTOL)
     assert torch.nn.functional.cosine_similarity(grad16, grad32, dim=0) > OUTPUT_GRADIENT_COSINE
+
+
+@pytest.mark.parametrize("arch", ["cnn", "vgg16"])
+def test_a_scoring_copy_scores_what_its_model_scores(real_batch, real_specs, arch):
+    torch.manual_seed(0)
+    model = build_model(arch, N_CLASSES, 0.25)
+    with torch.no_grad():  # BatchNorm statistics of real batches, not the identity of a new one
+        for _ in range(3):
+            model(real_batch[0])
+    model.eval()
+    fp32 = Precision(CPU, bfloat16=False, channels_last=False, reason="test")
+    scoring = fp32.prepare_for_scoring(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in scoring.modules())
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # the model is kept
+    fused = predict_spectrograms([scoring], real_specs, 128, 48, precision=fp32)
+    unfused = predict_spectrograms([fp32.prepare(model)], real_specs, 128, 48, precision=fp32)
+    np.testing.assert_allclose(fused, unfused, atol=FUSED_SCORE_ATOL, rtol=0)
+
+    bf16 = Precision(CPU, bfloat16=True, channels_last=True, reason="test")
+    served = bf16.prepare_for_scoring(model)
+    convs = [m for m in served.modules() if isinstance(m, nn.Conv2d)]
+    assert all(conv.weight.is_contiguous(memory_format=torch.channels_last) for conv in convs)
+    served_scores = predict_spectrograms([served], real_specs, 128, 48, precision=bf16)
+    assert np.abs(served_scores - unfused).max() < SCORE_ATOL

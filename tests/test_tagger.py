@@ -121,7 +121,7 @@ def test_ensemble_weights_each_run_equally_over_its_folds(model, saved_model, cl
     precision = model.unwrap_python_model().precision  # the same number format as served
 
     def scores(paths):
-        models = [precision.prepare(load_checkpoint(p)) for p in paths]
+        models = [precision.prepare_for_scoring(load_checkpoint(p)) for p in paths]
         return predict_spectrograms(models, [spec], 128, 48, precision=precision)
 
     cnn, vgg = scores(cnn_paths), scores(vgg_paths)

@@ -10,7 +10,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,6 +77,22 @@ def timed(call: Callable[[], object], repeats: int, warmup: int = 0) -> list[flo
         started = time.perf_counter()
         call()
         seconds.append(time.perf_counter() - started)
+    return seconds
+
+
+def timed_alternately(calls: Mapping[str, Callable[[], object]], repeats: int,
+                      warmup: int = 0) -> dict[str, list[float]]:
+    """`timed` for calls that are compared with each other: one timing of each in turn, for
+    `repeats` rounds, so a machine whose speed drifts (other jobs) slows all of them alike."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    for call in calls.values():
+        for _ in range(warmup):
+            call()
+    seconds: dict[str, list[float]] = {key: [] for key in calls}
+    for _ in range(repeats):
+        for key, call in calls.items():
+            seconds[key] += timed(call, 1)
     return seconds
 
 

@@ -56,15 +56,16 @@ def sequential_loop(paths: Sequence[Path], cfg: FeatureConfig) -> None:
 def run(paths: Sequence[Path], repeats: int, cfg: FeatureConfig = FeatureConfig(),
         n_jobs: int = 0) -> Table:
     """Loop (the baseline), loop with one BLAS thread (what each cache worker does: separates
-    the two gains), cold cache (a fresh folder per pass), warm cache, and a full read."""
+    the two gains), cold cache (a fresh folder per pass), warm cache, and a full read; each
+    pass runs every one of them in turn, so a machine whose speed drifts slows all alike."""
     paths = list(paths)
     sequential_loop(paths[:1], cfg)  # imports and numba compilation are not the loop's cost
-    loop = timed(lambda: sequential_loop(paths, cfg), repeats)
-    with threadpool_limits(limits=1):
-        loop_1_thread = timed(lambda: sequential_loop(paths, cfg), repeats)
     workers = min(n_jobs or os.cpu_count() or 1, len(paths))
-    cold, warm, read = [], [], []
+    loop, loop_1_thread, cold, warm, read = [], [], [], [], []
     for _ in range(repeats):
+        loop += timed(lambda: sequential_loop(paths, cfg), 1)
+        with threadpool_limits(limits=1):
+            loop_1_thread += timed(lambda: sequential_loop(paths, cfg), 1)
         with tempfile.TemporaryDirectory(prefix="fat-bench-cache-") as root:
             cache = FeatureCache(Path(root), cfg)
             stats = cache.compute(paths, n_jobs=n_jobs, progress=False)

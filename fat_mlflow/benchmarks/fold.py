@@ -169,8 +169,9 @@ def inference_agreement(model: nn.Module, clips: ClipSet, profile: Profile,
     specs = clips.subset(clips.folds == fold).specs
     def score(device: str, amp: bool) -> np.ndarray:
         precision = resolve_precision(torch.device(device), amp, cfg.channels_last)
-        return predict_spectrograms([precision.prepare(model)], specs, cfg.crop_frames,
-                                    cfg.window_step, cfg.eval_batch_size, precision)
+        return predict_spectrograms([precision.prepare_for_scoring(model)], specs,
+                                    cfg.crop_frames, cfg.window_step, cfg.eval_batch_size,
+                                    precision)
 
     scores = {(device, amp): score(device, amp)
               for device, amp in (("cpu", False), ("cuda", False), ("cuda", True))}

@@ -1,6 +1,8 @@
 """Inference speed of the served tagger: p50/p95 latency of one 5-s clip and clips/s in a batch,
-for the ensemble (the pyfunc model, as `mlflow models serve` runs it) vs one of its fold models
-alone (`fat_mlflow.predict`: the baseline), on the same base64 audio a client sends.
+for the whole ensemble scored eagerly in float32 (the baseline), eagerly in bf16 (the previous
+default), the served way (BatchNorm folded, channels_last, 1-thread log-mels) in float32 and
+bf16, and as the pyfunc model `mlflow models serve` runs, on the same base64 audio a client
+sends.
 
 Without a model URI the ensemble is built here in the shape of the quick pipeline's (stages 2-4
 per network, quick width), with untrained weights: speed does not depend on the weight values.
@@ -26,6 +28,8 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import librosa
@@ -43,14 +47,14 @@ from fat_mlflow.benchmarks.common import (
     median,
     passes,
     percentiles_ms,
-    timed,
+    timed_alternately,
 )
 from fat_mlflow.benchmarks.features import benchmark_clips
 from fat_mlflow.config import PROFILES, FeatureConfig
 from fat_mlflow.dataset import window_starts
 from fat_mlflow.esc50 import SOURCES_HELP
 from fat_mlflow.models import build_model, save_checkpoint
-from fat_mlflow.predict import predict_spectrograms
+from fat_mlflow.precision import Precision, resolve_precision
 from fat_mlflow.processes import free_port, stop_group, wait_until
 from fat_mlflow.tagger import (
     BASE64_COLUMN,
@@ -58,7 +62,9 @@ from fat_mlflow.tagger import (
     FatTagger,
     MemberRun,
     clip_spectrogram,
+    ensemble_scores,
     load_local_model,
+    load_members,
     pyfunc_arguments,
 )
 
@@ -126,12 +132,22 @@ def latency_clip(clips: Sequence[Path], tagger: FatTagger) -> tuple[Path, float,
     return best, durations[best], counts[best]
 
 
-def measure(predict: Callable[[list[str]], object], one: list[str], batch: list[str],
-            latency_calls: int, repeats: int) -> dict[str, float]:
-    """p50/p95 of one-clip calls and median clips/s of whole-batch calls."""
-    p50, p95 = percentiles_ms(timed(lambda: predict(one), latency_calls, warmup=WARMUP_CALLS))
-    seconds = median(timed(lambda: predict(batch), repeats))
-    return {"p50_ms": p50, "p95_ms": p95, "clips_per_s": len(batch) / seconds}
+def measure(predicts: dict[str, Callable[[list[str]], object]], one: list[str],
+            batch: list[str], latency_calls: int, repeats: int,
+            latency_only: dict[str, Callable[[], object]] | None = None
+            ) -> dict[str, dict[str, float]]:
+    """p50/p95 of one-clip calls and median clips/s of whole-batch calls, per predictor; the
+    predictors (and the `latency_only` calls) take turns, so drift slows all alike."""
+    latency = timed_alternately({**{key: partial(predict, one) for key, predict in
+                                    predicts.items()}, **(latency_only or {})},
+                                latency_calls, warmup=WARMUP_CALLS)
+    throughput = timed_alternately({key: partial(predict, batch)
+                                    for key, predict in predicts.items()}, repeats)
+    figures = {key: dict(zip(("p50_ms", "p95_ms"), percentiles_ms(seconds)))
+               for key, seconds in latency.items()}
+    for key, seconds in throughput.items():
+        figures[key]["clips_per_s"] = len(batch) / median(seconds)
+    return figures
 
 
 @contextlib.contextmanager
@@ -174,13 +190,60 @@ def http_predict(url: str) -> Callable[[list[str]], object]:
     return post
 
 
+@dataclass(frozen=True)
+class ScoringPath:
+    """One way to score the ensemble: its number format, its fold models, its log-mel."""
+
+    key: str
+    precision: Precision
+    optimised: bool  # scoring copies and 1-thread log-mels (the served path), or eager
+
+    def describe(self, details: bool = True) -> str:
+        number = "bf16 autocast" if self.precision.bfloat16 else "float32"
+        if self.optimised:
+            return f"{number}, served path" + (
+                " (BN folded, NHWC, log-mel on 1 BLAS thread)" if details else "")
+        layout = "NHWC from 16 channels" if self.precision.channels_last else "NCHW"
+        return f"{number}, eager (BN unfused, {layout}, log-mel on all BLAS threads)"
+
+
+def scoring_paths(device: torch.device) -> list[ScoringPath]:
+    """float32 eager (the baseline: the seed's way), the previous default (bf16 autocast,
+    eager) and the served path in float32 and bf16; bf16 rows only where bf16 is fast."""
+    float32 = resolve_precision(device, amp=False)
+    paths = [ScoringPath("eager_float32", resolve_precision(device, amp=False,
+                                                             channels_last=False), False)]
+    bf16 = resolve_precision(device, amp=True)
+    if bf16.bfloat16:
+        paths.append(ScoringPath("eager_bf16", bf16, False))
+    paths.append(ScoringPath("served_float32", float32, True))
+    if bf16.bfloat16:
+        paths.append(ScoringPath("served_bf16", bf16, True))
+    return paths
+
+
+def direct_scoring(tagger: FatTagger, path: ScoringPath) -> Callable[[list[str]], object]:
+    """What FatTagger.predict computes for rows of base64 audio, scored the way `path` says."""
+    spec = tagger.spec
+    prepare = path.precision.prepare_for_scoring if path.optimised else path.precision.prepare
+    members = load_members(spec, tagger.checkpoints, prepare)
+    serving = spec.serving if path.optimised else dataclasses.replace(
+        spec.serving, log_mel_blas_threads=0)
+
+    def score(rows: list[str]) -> object:
+        specs = [clip_spectrogram(None, row, spec.features, serving) for row in rows]
+        return ensemble_scores(members, specs, spec.batch_size, path.precision)
+
+    return score
+
+
 def run(clips: Sequence[Path], size: BenchmarkProfile, model_uri: str | None = None,
         http: bool = False) -> Table:
-    """Ensemble (pyfunc, in process; over HTTP with `http`) vs its first fold model through
-    `predict_spectrograms` (the baseline), plus decode + log-mel alone.
+    """The ensemble scored eagerly in float32 (the baseline), eagerly in bf16, and the served
+    way in float32 and bf16, each as FatTagger.predict computes it; then the pyfunc model in
+    process (over HTTP with `http`) and decode + log-mel alone.
 
-    Both sides get the clips as base64 and decode them the same way, so the ratio is the cost
-    of the ensemble and the pyfunc layer.
+    Every row decodes the same base64 audio a client sends, in the same process.
     """
     clips = list(clips)[: size.batch_clips]
     with tempfile.TemporaryDirectory(prefix="fat-bench-tagger-") as tmp:
@@ -190,58 +253,56 @@ def run(clips: Sequence[Path], size: BenchmarkProfile, model_uri: str | None = N
         clip, clip_seconds, n_windows = latency_clip(clips, tagger)
         encoded = {path: base64.b64encode(path.read_bytes()).decode("ascii") for path in clips}
         one, batch = [encoded[clip]], [encoded[path] for path in clips]
-        fold_models, member = tagger.members[0]
         spec = tagger.spec
-
-        def single_model(rows: list[str]) -> object:
-            specs = [clip_spectrogram(None, row, spec.features, spec.serving) for row in rows]
-            return predict_spectrograms(fold_models[:1], specs, member.window, member.step,
-                                        spec.batch_size, tagger.precision)
+        paths = scoring_paths(tagger.precision.device)
+        calls, repeats = size.latency_calls, size.repeats
+        predicts = {path.key: direct_scoring(tagger, path) for path in paths}
 
         def ensemble(rows: list[str]) -> object:
             return model.predict(pd.DataFrame({BASE64_COLUMN: rows}))
 
-        n_models = sum(len(models) for models, _ in tagger.members)
-        calls, repeats = size.latency_calls, size.repeats
-        figures = {
-            "single": measure(single_model, one, batch, calls, repeats),
-            "ensemble": measure(ensemble, one, batch, calls, repeats),
-        }
-        decode_p50, decode_p95 = percentiles_ms(timed(
-            lambda: clip_spectrogram(None, one[0], spec.features, spec.serving), calls,
-            warmup=WARMUP_CALLS))
-        figures["decode"] = {"p50_ms": decode_p50, "p95_ms": decode_p95}
+        predicts["pyfunc"] = ensemble
+        figures = measure(predicts, one, batch, calls, repeats, latency_only={
+            "decode": lambda: clip_spectrogram(None, one[0], spec.features, spec.serving)})
         if http:
             with served(uri) as url:
-                figures["http"] = measure(http_predict(url), one, batch, calls, repeats)
-        base = figures["single"]
+                figures.update(measure({"http": http_predict(url)}, one, batch, calls, repeats))
+        base = figures[paths[0].key]
         for row in figures.values():
             row["latency_speed_vs_baseline"] = base["p50_ms"] / row["p50_ms"]
             if "clips_per_s" in row:
                 row["throughput_vs_baseline"] = row["clips_per_s"] / base["clips_per_s"]
+    n_models = sum(len(models) for models, _ in tagger.members)
     shared: dict[str, ParamValue] = {
         "latency_clip": clip.name, "latency_clip_seconds": round(clip_seconds, 3),
         "latency_windows": n_windows, "latency_calls": calls, "batch_clips": len(batch),
-        "repeats": repeats, "n_classes": len(spec.vocabulary)}
+        "repeats": repeats, "n_classes": len(spec.vocabulary), "n_fold_models": n_models}
     source = model_uri or (f"untrained quick-shaped ensemble ({'+'.join(size.ensemble_archs)}, "
                            f"{size.ensemble_runs} runs x {size.ensemble_folds} folds)")
-    arch = member.arch
+    served_as = ScoringPath("pyfunc", tagger.precision, True)
     labels = {
-        "single": (f"one {arch} fold model, fat_mlflow.predict", "predict_spectrograms", 1),
-        "ensemble": (f"ensemble of {n_models} fold models, pyfunc in process", "pyfunc",
-                     n_models),
-        "http": (f"ensemble of {n_models} fold models, HTTP (mlflow models serve)", "http",
-                 n_models),
-        "decode": ("decode + log-mel only (shared by all models)", "preprocessing", 0),
+        **{path.key: (f"ensemble, {path.describe()}", "direct", path) for path in paths},
+        "pyfunc": (f"ensemble, pyfunc in process ({served_as.describe(False)})", "pyfunc",
+                   served_as),
+        "http": (f"ensemble, HTTP (mlflow models serve, {served_as.describe(False)})", "http",
+                 served_as),
+        "decode": ("decode + log-mel only (shared by all models)", "preprocessing", None),
     }
-    results = tuple(
-        Result(labels[key][0], {**shared, "path": labels[key][1], "n_fold_models": labels[key][2],
-                                "model": source}, figures[key], baseline=key == "single")
-        for key in ("single", "ensemble", "http", "decode") if key in figures)
-    title = (f"{source}; latency: {clip.name} ({clip_seconds:.1f} s, {n_windows} windows "
-             f"after trimming), "
-             f"{calls} calls; batch: {len(batch)} clips, {passes(repeats)}")
-    return Table("inference", title, COLUMNS, results, machine_facts(tagger.precision.device))
+    results = []
+    for key in (*(path.key for path in paths), "pyfunc", "http", "decode"):
+        if key not in figures:
+            continue
+        setting, route, scoring = labels[key]
+        params: dict[str, ParamValue] = {**shared, "path": route, "model": source}
+        if scoring is not None:
+            params.update({"precision": "bfloat16" if scoring.precision.bfloat16 else "float32",
+                           "served_path": scoring.optimised})
+        results.append(Result(setting, params, figures[key], baseline=key == paths[0].key))
+    title = (f"{source}, {n_models} fold models; latency: {clip.name} ({clip_seconds:.1f} s, "
+             f"{n_windows} windows after trimming), {calls} calls; batch: {len(batch)} clips, "
+             f"{passes(repeats)}")
+    return Table("inference", title, COLUMNS, tuple(results),
+                 machine_facts(tagger.precision.device))
 
 
 def main() -> None:
