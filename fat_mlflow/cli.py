@@ -253,7 +253,8 @@ def pipeline(data, profile, overrides, seed, cache_dir, archs, esc50, registered
     Without --data it builds (or reuses) the demo dataset in ./demo_data. Stages that
     already finished with the same inputs are reused; an interrupted one is resumed.
     """
-    from fat_mlflow.pipeline import PipelineRequest, floor_verdict, run_pipeline
+    from fat_mlflow.pipeline import (PipelineRequest, floor_verdict, run_pipeline,
+                                     with_floor_rows)
 
     chosen = _profile(profile, overrides, seed)
     arch_list = [a.strip() for a in archs.split(",") if a.strip()] or (
@@ -268,9 +269,9 @@ def pipeline(data, profile, overrides, seed, cache_dir, archs, esc50, registered
                            "selected_clips", "selection_precision", "noisy_base_rate")
                if c in table]
     click.echo(f"\npipeline run {parent_id}: stage report (the seed's Table 2 on this data)")
-    click.echo(table[columns].to_string(index=False, na_rep="-",
-                                        float_format=lambda v: f"{v:.3f}",
-                                        formatters={"selected_clips": "{:.0f}".format}))
+    report = with_floor_rows(table)[columns]
+    click.echo(report.to_string(index=False, na_rep="-", float_format=lambda v: f"{v:.3f}",
+                                formatters={"selected_clips": "{:.0f}".format}))
     click.echo(floor_verdict(table.iloc[-1]))
 
 

@@ -320,6 +320,16 @@ def build_and_register(run_ids: list[str], data: Path, registered_model: str,
             "registered_version": version}
 
 
+def with_floor_rows(table: pd.DataFrame) -> pd.DataFrame:
+    """The stage report plus the logistic floor's test lwlrap as rows under the ensemble's."""
+    ensemble = table.iloc[-1]
+    floors = [{"model": f"floor ({name.replace('_', ' + ')})",
+               "lwlrap_test": ensemble.get(f"floor_lwlrap_{name}")}
+              for name in ("curated", "curated_noisy")]
+    floors = [row for row in floors if pd.notna(row["lwlrap_test"])]
+    return pd.concat([table, pd.DataFrame(floors)], ignore_index=True) if floors else table
+
+
 def floor_verdict(ensemble_row: pd.Series) -> str:
     """One line: the ensemble's test lwlrap against the logistic floor on the same clips."""
     floors = {name.replace("_", " + "): ensemble_row.get(f"floor_lwlrap_{name}")

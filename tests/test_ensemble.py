@@ -28,7 +28,7 @@ from fat_mlflow.data import dataset_fingerprint, load_dataset
 from fat_mlflow.ensemble import VersionScore, build_ensemble, takes_alias
 from fat_mlflow.metrics import lwlrap
 from fat_mlflow.models import build_model, save_checkpoint
-from fat_mlflow.pipeline import floor_verdict
+from fat_mlflow.pipeline import floor_verdict, with_floor_rows
 from fat_mlflow.tracking import RunLookupError
 
 MODEL = "fat2019-tagger-test"
@@ -140,6 +140,16 @@ def test_floor_verdict_names_both_floors_and_the_margin(score, expected):
     row = pd.Series({"lwlrap_test": score, "floor_lwlrap_curated": 0.7,
                      "floor_lwlrap_curated_noisy": 0.65})
     assert expected in floor_verdict(row)
+
+
+def test_the_stage_report_shows_the_floor_under_the_ensemble():
+    table = pd.DataFrame([{"model": "cnn model4", "lwlrap_test": 0.5},
+                          {"model": "ensemble", "lwlrap_test": 0.6, "floor_lwlrap_curated": 0.7,
+                           "floor_lwlrap_curated_noisy": 0.65}])
+    shown = with_floor_rows(table).set_index("model")["lwlrap_test"]
+    assert shown.to_dict() == {"cnn model4": 0.5, "ensemble": 0.6, "floor (curated)": 0.7,
+                               "floor (curated + noisy)": 0.65}
+    assert with_floor_rows(table.iloc[:1]).equals(table.iloc[:1])  # no floor: unchanged
 
 
 def test_floor_verdict_without_test_labels():

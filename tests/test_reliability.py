@@ -439,6 +439,7 @@ def test_empty_selection_trains_on_curated_clips_and_the_pipeline_registers(dege
             "label and fold); this stage trains on the curated clips alone") in output
     model3 = next(line for line in output.splitlines() if line.strip().startswith("cnn model3"))
     assert model3.split()[5] == "0"  # the report's selected_clips column
+    assert "no test labels: the ensemble is not compared with the logistic floor" in output
     client = MlflowClient(degenerate_run.uri)
     stage3 = client.get_run(degenerate_run.runs["stage3"])
     assert stage3.data.tags["fat.complete"] == "true"
