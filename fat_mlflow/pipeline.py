@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import dataclasses
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from mlflow.environment_variables import (
 )
 from mlflow.tracking import MlflowClient
 
-from fat_mlflow.config import Profile
+from fat_mlflow.config import DemoConfig, Profile
 from fat_mlflow.data import dataset_fingerprint, load_dataset
 from fat_mlflow.demo import SUMMARY_FILE, DemoExistsError, build_demo_dataset
 from fat_mlflow.esc50 import locate_esc50
@@ -227,6 +228,12 @@ def ensure_demo_data(request: PipelineRequest) -> Path:
         esc50 = locate_esc50(request.esc50)
         click.echo(f"building the demo dataset in {request.demo_dir} from {esc50}")
         build_demo_dataset(esc50, request.demo_dir, seed=0, reuse=True)
+    built = json.loads((request.demo_dir / SUMMARY_FILE).read_text()).get("recipe")
+    if built != dataclasses.asdict(DemoConfig()):
+        recipe = built or "all 50 classes, from before the demo had a recipe"
+        raise DemoExistsError(f"{request.demo_dir}: a demo dataset of another recipe ({recipe}); "
+                              "remove it to build today's demo, or pass --data "
+                              f"{request.demo_dir} to train on it as it is")
     return request.demo_dir
 
 

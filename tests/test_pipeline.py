@@ -3,11 +3,13 @@ import json
 
 import mlflow
 import pandas as pd
+import pytest
 from mlflow.tracking import MlflowClient
 
 from fat_mlflow.config import get_profile
 from fat_mlflow.data import dataset_fingerprint, load_dataset
-from fat_mlflow.pipeline import PipelineRequest, run_pipeline
+from fat_mlflow.demo import DemoExistsError
+from fat_mlflow.pipeline import PipelineRequest, ensure_demo_data, run_pipeline
 from fat_mlflow.tracking import DEFAULT_EXPERIMENT
 
 
@@ -89,3 +91,21 @@ def test_stage_runs_log_their_tables_as_dataset_inputs(tiny_chain):
             run.info.run_id for run in trained_on_noisy}  # (+ the rerun test's pipeline run)
         assert {run.data.tags["fat.stage"] for run in trained_on_noisy} == {
             "pipeline", "stage1", "stage3", "stage4"}
+
+
+def test_a_demo_of_an_older_recipe_is_named_not_trained_on(tmp_path):
+    old_demo = tmp_path / "demo_data"
+    old_demo.mkdir()
+    (old_demo / "demo_summary.json").write_text(json.dumps({"seed": 0, "scale": 1.0,
+                                                            "n_classes": 50}))
+    request = PipelineRequest(data=None, profile=get_profile("tiny"), archs=["cnn"],
+                              demo_dir=old_demo)
+    with pytest.raises(DemoExistsError, match="demo_data: a demo dataset of another recipe .*"
+                                              "remove it .* or pass --data"):
+        ensure_demo_data(request)
+
+
+def test_the_demo_of_todays_recipe_is_reused(demo_data):
+    request = PipelineRequest(data=None, profile=get_profile("tiny"), archs=["cnn"],
+                              demo_dir=demo_data)
+    assert ensure_demo_data(request) == demo_data
