@@ -408,15 +408,18 @@ class DegenerateRun:
 @pytest.fixture(scope="module")
 def degenerate_run(demo_data: Path, isolated_store,
                    tmp_path_factory: pytest.TempPathFactory) -> DegenerateRun:
-    """One pipeline (`fat-mlflow pipeline`, 1 epoch per fold) on a small dataset with three
-    degenerate traits at once: a class with no curated clip, no test clip at all (empty
-    test/, header-only sample_submission.csv and test_truth.csv), and a threshold no clip
-    reaches, so stage 3 selects nothing."""
+    """One pipeline (`fat-mlflow pipeline`, 1 epoch per fold) on a small dataset with four
+    degenerate traits at once: a class with no curated clip, a class with one (so one fold
+    lacks it), no test clip at all (empty test/, header-only sample_submission.csv and
+    test_truth.csv), and a threshold no clip reaches, so stage 3 selects nothing."""
     root = tmp_path_factory.mktemp("degenerate")
     data = subset_copy(demo_data, root / "data")
     curated = pd.read_csv(data / "train_curated.csv")
     missing = curated["labels"].iloc[0]
-    edit_table(data, "train_curated.csv", lambda t: t[t["labels"] != missing])
+    lonely = next(label for label in curated["labels"] if label != missing)
+    edit_table(data, "train_curated.csv",
+               lambda t: t[(t["labels"] != missing)
+                           & ~((t["labels"] == lonely) & t["labels"].duplicated())])
     for table in ("sample_submission.csv", "test_truth.csv"):
         edit_table(data, table, lambda t: t.iloc[:0])
     for clip in (data / "test").iterdir():
