@@ -163,8 +163,12 @@ def _crossings(part: pd.DataFrame, x: str, xlabel: str) -> list[str]:
     for width, curve in part.groupby("width"):
         floor = curve[["logreg_curated_test", "logreg_curated_noisy_test"]].max(axis=1)
         at = crossing(curve[x], curve["ensemble_test"], floor)
-        where = f"passes the floor at about {at:.1f} {xlabel}" if at is not None else \
-            f"stays below the floor up to {curve[x].max():g} {xlabel}"
+        if at is None:
+            where = f"stays below the floor up to {curve[x].max():g} {xlabel}"
+        elif at == curve[x].min():
+            where = f"is above the floor from the smallest point measured, {at:g} {xlabel}"
+        else:
+            where = f"passes the floor at about {at:.1f} {xlabel}"
         lines.append(f"- width {width:g}: the ensemble {where}.")
     return [*lines, ""]
 
