@@ -8,6 +8,7 @@ visible) and then gathered into the stage run.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -15,7 +16,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import dataclasses
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -313,6 +313,10 @@ def run_pipeline(request: PipelineRequest) -> tuple[str, pd.DataFrame]:
     return parent_id, table
 
 
+# the training sets of fat_mlflow.baseline.floor_test_lwlrap, as it names them
+FLOOR_TRAINING_SETS = ("curated", "curated_noisy")
+
+
 def build_and_register(run_ids: list[str], data: Path, registered_model: str,
                        cache_dir: Path | None) -> dict:
     from fat_mlflow.ensemble import build_ensemble
@@ -322,26 +326,28 @@ def build_and_register(run_ids: list[str], data: Path, registered_model: str,
     metrics = MlflowClient().get_run(run_id).data.metrics
     return {"model": "ensemble", "arch": "all",
             "stage": "ensemble", "run_id": run_id, "lwlrap_test": metrics.get("lwlrap_test"),
-            **{name: metrics.get(name, np.nan)
-               for name in ("floor_lwlrap_curated", "floor_lwlrap_curated_noisy")},
+            **{f"floor_lwlrap_{name}": metrics.get(f"floor_lwlrap_{name}", np.nan)
+               for name in FLOOR_TRAINING_SETS},
             "registered_version": version}
+
+
+def scored_floors(ensemble_row: pd.Series) -> dict[str, float]:
+    """The floor's test lwlrap by training set ("curated + noisy"), where it was scored."""
+    values = {name.replace("_", " + "): ensemble_row.get(f"floor_lwlrap_{name}")
+              for name in FLOOR_TRAINING_SETS}
+    return {name: value for name, value in values.items() if pd.notna(value)}
 
 
 def with_floor_rows(table: pd.DataFrame) -> pd.DataFrame:
     """The stage report plus the logistic floor's test lwlrap as rows under the ensemble's."""
-    ensemble = table.iloc[-1]
-    floors = [{"model": f"floor ({name.replace('_', ' + ')})",
-               "lwlrap_test": ensemble.get(f"floor_lwlrap_{name}")}
-              for name in ("curated", "curated_noisy")]
-    floors = [row for row in floors if pd.notna(row["lwlrap_test"])]
+    floors = [{"model": f"floor ({name})", "lwlrap_test": value}
+              for name, value in scored_floors(table.iloc[-1]).items()]
     return pd.concat([table, pd.DataFrame(floors)], ignore_index=True) if floors else table
 
 
 def floor_verdict(ensemble_row: pd.Series) -> str:
     """One line: the ensemble's test lwlrap against the logistic floor on the same clips."""
-    floors = {name.replace("_", " + "): ensemble_row.get(f"floor_lwlrap_{name}")
-              for name in ("curated", "curated_noisy")}
-    floors = {name: value for name, value in floors.items() if pd.notna(value)}
+    floors = scored_floors(ensemble_row)
     score = ensemble_row.get("lwlrap_test")
     if not floors or pd.isna(score):
         return "no test labels: the ensemble is not compared with the logistic floor"

@@ -86,9 +86,10 @@ def study_data(request: StudyRequest, curated_per_class: int) -> Path:
     return out
 
 
-def point_key(point: StudyPoint, profile: Profile, fingerprint: str) -> str:
-    payload = {"point": [point.width, point.epochs], "profile": profile.settings(),
-               "dataset": fingerprint}
+def point_key(profile: Profile, fingerprint: str) -> str:
+    """Everything that makes two runs of a point interchangeable (width, epochs and seed are in
+    the profile, the curated clips per class in the dataset)."""
+    payload = {"profile": profile.settings(), "dataset": fingerprint}
     return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -98,7 +99,7 @@ def run_point(request: StudyRequest, point: StudyPoint, seed: int) -> dict:
     dataset = load_dataset(data)
     profile = request.profile.override({"train.width": point.width, "train.epochs": point.epochs,
                                         "train.seed": seed})
-    key = point_key(point, profile, dataset_fingerprint(dataset))
+    key = point_key(profile, dataset_fingerprint(dataset))
     pipeline_id = reused_or_trained(f"{point.label()}, seed {seed}", TAG_STUDY_KEY, PipelineRequest(
         data=data, profile=profile, archs=["cnn"], esc50=request.esc50,
         registered_model="fat-study", cache_dir=request.cache_dir, progress=False,
