@@ -102,12 +102,12 @@ esc50_option = click.option(
               help="'demo': the 909 ESC-50 clips of the README's figures (the same dataset from "
                    "any ESC-50 copy); 'all': every clip of the ESC-50 folder (2,000 in the "
                    "release), a larger demo.")
-@click.option("--min-clips-per-class", type=click.IntRange(min=1), default=DemoConfig.min_clips_per_class,
-              show_default=True,
+@click.option("--min-clips-per-class", type=click.IntRange(min=1),
+              default=DemoConfig.min_clips_per_class, show_default=True,
               help="Leave out the classes with fewer clips in the ESC-50 folder (the demo's 21 "
                    "classes have 32 clips each; 1 keeps all 50).")
-@click.option("--curated-per-class", type=click.IntRange(min=0), default=DemoConfig.curated_per_class,
-              show_default=True,
+@click.option("--curated-per-class", type=click.IntRange(min=0),
+              default=DemoConfig.curated_per_class, show_default=True,
               help="Keep at most this many curated clips per class (0 = all, about 13); the "
                    "noisy and test sets stay the same, so runs on several values compare.")
 def demo_data(out_dir: Path, esc50: Path | None, seed: int, scale: float, clips: str,

@@ -100,10 +100,11 @@ def run_point(request: StudyRequest, point: StudyPoint, seed: int) -> dict:
     profile = request.profile.override({"train.width": point.width, "train.epochs": point.epochs,
                                         "train.seed": seed})
     key = point_key(profile, dataset_fingerprint(dataset))
-    pipeline_id = reused_or_trained(f"{point.label()}, seed {seed}", TAG_STUDY_KEY, PipelineRequest(
-        data=data, profile=profile, archs=["cnn"], esc50=request.esc50,
-        registered_model="fat-study", cache_dir=request.cache_dir, progress=False,
-        tags={TAG_STUDY: point.axis, TAG_STUDY_KEY: key, "fat.seed": str(seed)}))
+    pipeline_id = reused_or_trained(
+        f"{point.label()}, seed {seed}", TAG_STUDY_KEY,
+        PipelineRequest(data=data, profile=profile, archs=["cnn"], esc50=request.esc50,
+                        registered_model="fat-study", cache_dir=request.cache_dir, progress=False,
+                        tags={TAG_STUDY: point.axis, TAG_STUDY_KEY: key, "fat.seed": str(seed)}))
     per_class = dataset.curated["labels"].map(len).sum() / len(dataset.vocabulary)
     return {"axis": point.axis, "width": point.width, "epochs": point.epochs,
             "curated_per_class": round(per_class, 1), "seed": seed,
