@@ -1,9 +1,10 @@
-"""Quality ablations: what SpecMix, mixup and the warm-up buy, with their spread over seeds.
+"""Quality ablations: what SpecMix, mixup, the warm-up and bf16 do to the default pipeline,
+with their spread over seeds.
 
 Each (ablation, seed) is one whole pipeline run (parent + stage runs), tagged `fat.ablation`;
 a finished one is found again by a hash of its inputs and reused, so an interrupted sweep
 resumes where it stopped and a re-run only rebuilds the report. Stage runs shared between
-ablations (stage 1 of `full` and `no_warm_start`) are reused by the pipeline itself.
+ablations (stage 1 of `default` and `no_warm_start`) are reused by the pipeline itself.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import torch
 from scipy import stats
 
 from fat_mlflow.baseline import floor_test_lwlrap
-from fat_mlflow.config import Profile
+from fat_mlflow.config import ABLATIONS, DEFAULT_ABLATIONS, Ablation, Profile
 from fat_mlflow.data import DataLayoutError, FatDataset, dataset_fingerprint, load_dataset
 from fat_mlflow.metrics import lwlrap
 from fat_mlflow.pipeline import PipelineRequest, ensure_demo_data, run_pipeline
@@ -42,24 +43,6 @@ TAG_KEY = "fat.ablation_key"
 
 
 @dataclass(frozen=True)
-class Ablation:
-    name: str
-    description: str
-    overrides: dict[str, str] = field(default_factory=dict)
-    warm_start: bool = True
-
-
-ABLATIONS: dict[str, Ablation] = {a.name: a for a in (
-    Ablation("full", "SpecMix + mixup, each stage warm-started (the seed)"),
-    Ablation("no_specmix", "mixup only", {"augment.specmix": "false"}),
-    Ablation("no_warm_start", "every stage from scratch", warm_start=False),
-    Ablation("specmix_no_mixup", "SpecMix without mixup", {"augment.mixup": "false"}),
-    Ablation("no_mixing", "neither SpecMix nor mixup",
-             {"augment.specmix": "false", "augment.mixup": "false"}),
-)}
-
-
-@dataclass(frozen=True)
 class Comparison:
     """One line of the report: a number read from the runs of one ablation."""
 
@@ -69,14 +52,16 @@ class Comparison:
 
 
 COMPARISONS = (
-    Comparison("full pipeline (ensemble of stages 2-4)", "full", "ensemble_test"),
-    Comparison("no SpecMix (mixup only)", "no_specmix", "ensemble_test"),
-    Comparison("SpecMix without mixup", "specmix_no_mixup", "ensemble_test"),
+    Comparison("default pipeline (ensemble of stages 2-4)", "default", "ensemble_test"),
+    Comparison("SpecMix without mixup", "specmix", "ensemble_test"),
+    Comparison("SpecMix + mixup (the seed's)", "specmix_mixup", "ensemble_test"),
+    Comparison("mixup without SpecMix", "mixup", "ensemble_test"),
     Comparison("no SpecMix, no mixup", "no_mixing", "ensemble_test"),
     Comparison("no warm start (every stage from scratch)", "no_warm_start", "ensemble_test"),
     Comparison("stage 2 alone (curated only, from scratch)", "no_warm_start", "model2_test"),
-    Comparison("single fold model (stage 4, fold 0)", "full", "single_fold_test"),
-    Comparison("stage 4 alone (all folds, warm-started)", "full", "model4_test"),
+    Comparison("float32 instead of bf16", "float32", "ensemble_test"),
+    Comparison("single fold model (stage 4, fold 0)", "default", "single_fold_test"),
+    Comparison("stage 4 alone (all folds, warm-started)", "default", "model4_test"),
 )
 REFERENCE = COMPARISONS[0]
 
@@ -87,7 +72,7 @@ class AblationRequest:
     seeds: list[int]
     esc50: Path | None = None  # for the demo data; None: esc50.locate_esc50 finds it
     data: Path | None = None
-    names: list[str] = field(default_factory=lambda: list(ABLATIONS))
+    names: list[str] = field(default_factory=lambda: list(DEFAULT_ABLATIONS))
     cache_dir: Path | None = None
     jobs: int = 1  # pipelines trained in parallel processes
 
@@ -101,9 +86,10 @@ class AblationRequest:
 
 
 def ablation_key(ablation: Ablation, profile: Profile, fingerprint: str) -> str:
-    """Everything that makes two runs of an ablation interchangeable (the seed is in the profile)."""
-    payload = {"ablation": ablation.name, "overrides": ablation.overrides,
-               "warm_start": ablation.warm_start, "profile": profile.settings(),
+    """Everything that makes two pipeline runs interchangeable (the seed is in the profile).
+    The ablation's name is not: one that sets what the profile already has (`no_mixing` on
+    the quick profile) is the same pipeline as `default` and reuses its runs."""
+    payload = {"warm_start": ablation.warm_start, "profile": profile.settings(),
                "dataset": fingerprint}
     return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -159,6 +145,8 @@ def pipeline_row(pipeline_id: str, dataset: FatDataset) -> dict:
                 row[f"{name}_{column.removeprefix('lwlrap_')}"] = float(value)
     stage4 = table.loc[table["stage"] == "stage4", "run_id"].iloc[0]
     row["single_fold_test"] = single_fold_lwlrap(stage4, dataset, fold=0)
+    info = mlflow.get_run(pipeline_id).info
+    row["minutes"] = (info.end_time - info.start_time) / 60_000
     return row
 
 
@@ -180,23 +168,40 @@ def run_sweep(request: AblationRequest, data: Path) -> pd.DataFrame:
     """Every ablation at every seed, ablation by ablation (so an interrupted sweep leaves
     whole ablations behind), in `jobs` parallel processes that split the CPU threads.
 
-    The full pipeline goes first, alone: `no_warm_start` trains the same stage 1 at each
-    seed and reuses it, and two processes must never train one stage run at once.
+    Ablations with the same settings at a seed are trained once. The reference goes first,
+    alone: `no_warm_start` trains the same stage 1 at each seed and reuses it, and two
+    processes must never train one stage run at once.
     """
-    tasks = [(name, seed) for name in request.names for seed in request.seeds]
+    fingerprint = dataset_fingerprint(load_dataset(data))
+    trained: dict[str, tuple[str, int]] = {}
+    wanted: list[tuple[str, int, str]] = []
+    for name in request.names:
+        for seed in request.seeds:
+            ablation = ABLATIONS[name]
+            key = ablation_key(ablation, ablation_profile(request.profile, ablation, seed, 1),
+                               fingerprint)
+            trained.setdefault(key, (name, seed))
+            wanted.append((name, seed, key))
+    rows = dict(zip(trained, _train(request, data, list(trained.values()))))
+    return pd.DataFrame([rows[key] | {"ablation": name, "seed": seed}
+                         for name, seed, key in wanted])
+
+
+def _train(request: AblationRequest, data: Path, tasks: list[tuple[str, int]]) -> list[dict]:
+    """One row per (ablation, seed) task, in the order of `tasks`."""
     if request.jobs <= 1:
         threads = request.profile.train.num_threads
-        return pd.DataFrame([_run_task(request, data, name, seed, threads) for name, seed in tasks])
+        return [_run_task(request, data, name, seed, threads) for name, seed in tasks]
     threads = max(1, torch.get_num_threads() // request.jobs)
-    waves = [[task for task in tasks if task[0] == REFERENCE.ablation],
-             [task for task in tasks if task[0] != REFERENCE.ablation]]
-    rows = []
+    first = [task for task in tasks if task[0] == REFERENCE.ablation]
+    waves = [first, [task for task in tasks if task not in first]]
+    results: dict[tuple[str, int], dict] = {}
     with ProcessPoolExecutor(request.jobs, mp_context=get_context("spawn")) as pool:
         for wave in waves:
-            futures = [pool.submit(_run_task, request, data, name, seed, threads)
-                       for name, seed in wave]
-            rows += [future.result() for future in futures]
-    return pd.DataFrame(rows)
+            futures = {task: pool.submit(_run_task, request, data, *task, threads)
+                       for task in wave}
+            results |= {task: future.result() for task, future in futures.items()}
+    return [results[task] for task in tasks]
 
 
 def baseline_row(dataset: FatDataset, profile: Profile, cache_dir: Path | None) -> dict:
@@ -206,7 +211,7 @@ def baseline_row(dataset: FatDataset, profile: Profile, cache_dir: Path | None) 
 
 
 def summarise(runs: pd.DataFrame) -> pd.DataFrame:
-    """Mean and spread of each comparison over seeds, and its paired difference to the full
+    """Mean and spread of each comparison over seeds, and its paired difference to the default
     pipeline with a paired t-test: with 3 seeds only large, consistent gaps are significant."""
     reference = _by_seed(runs, REFERENCE)
     rows = []
@@ -220,11 +225,11 @@ def summarise(runs: pd.DataFrame) -> pd.DataFrame:
         if comparison is not REFERENCE:
             paired = pd.concat([values, reference], axis=1, join="inner").dropna()
             diff = paired.iloc[:, 0] - paired.iloc[:, 1]
-            row["delta_vs_full"] = diff.mean()
+            row["delta_vs_default"] = diff.mean()
             row["delta_std"] = diff.std(ddof=1) if len(diff) > 1 else np.nan
             row["p_value"] = (stats.ttest_rel(paired.iloc[:, 0], paired.iloc[:, 1]).pvalue
                               if len(diff) > 1 and diff.std() > 0 else np.nan)
-            row["verdict"] = verdict(row["delta_vs_full"], row["p_value"])
+            row["verdict"] = verdict(row["delta_vs_default"], row["p_value"])
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -232,7 +237,7 @@ def summarise(runs: pd.DataFrame) -> pd.DataFrame:
 def verdict(delta: float, p_value: float, alpha: float = 0.05) -> str:
     if pd.isna(p_value) or p_value >= alpha:
         return "not significant"
-    return "better than full" if delta > 0 else "worse than full"
+    return "better than default" if delta > 0 else "worse than default"
 
 
 def _by_seed(runs: pd.DataFrame, comparison: Comparison) -> pd.Series:
@@ -242,7 +247,7 @@ def _by_seed(runs: pd.DataFrame, comparison: Comparison) -> pd.Series:
     return picked.set_index("seed")[comparison.column].astype(float)
 
 
-def table2(runs: pd.DataFrame, ablation: str = "full") -> pd.DataFrame:
+def table2(runs: pd.DataFrame, ablation: str = "default") -> pd.DataFrame:
     """This project's Table 2 on the data: one ablation's models, mean +- std over seeds, with
     the number of noisy clips the stage selected and the share of them labelled correctly."""
     picked = runs[runs["ablation"] == ablation]
@@ -265,7 +270,8 @@ def _mean_std(values: pd.Series, decimals: int = 3) -> str:
     return f"{values.mean():.{decimals}f}{spread}"
 
 
-def write_report(runs: pd.DataFrame, baseline: dict, out_dir: Path, command: str) -> list[Path]:
+def write_report(runs: pd.DataFrame, baseline: dict, profile: Profile, out_dir: Path,
+                 command: str) -> list[Path]:
     """ablations.md (+ CSV and figures) in `out_dir`; returns the files written."""
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = summarise(runs)
@@ -286,9 +292,11 @@ def write_report(runs: pd.DataFrame, baseline: dict, out_dir: Path, command: str
     seeds = ", ".join(str(s) for s in sorted(runs["seed"].unique()))
     files["markdown"].write_text("\n".join([
         "# Ablations on the demo data", "",
-        f"Reproduce with `{command}`. Test lwlrap over seeds {seeds}; `delta_vs_full` is the "
-        "mean paired difference to the full pipeline at the same seed, `p_value` a paired "
-        "t-test.", "",
+        f"Reproduce with `{command}`. Test lwlrap over seeds {seeds}; `delta_vs_default` is "
+        "the mean paired difference to the default pipeline at the same seed, `p_value` a "
+        "paired t-test.", "",
+        f"The default pipeline: {describe(profile)}.", "",
+        cost_line(runs), "",
         report_cells(report).to_markdown(index=False, disable_numparse=True), "",
         *_table2_sections(runs),
         f"![ablations]({files['figure'].name})", "",
@@ -297,9 +305,9 @@ def write_report(runs: pd.DataFrame, baseline: dict, out_dir: Path, command: str
 
 
 def _table2_sections(runs: pd.DataFrame) -> list[str]:
-    """Table 2 of the full pipeline, and of the from-scratch ablation where it was run."""
+    """Table 2 of the default pipeline, and of the from-scratch ablation where it was run."""
     sections = []
-    for ablation, title in (("full", "full pipeline"),
+    for ablation, title in (("default", "default pipeline"),
                             ("no_warm_start", "no warm start, every stage from scratch")):
         if (runs["ablation"] == ablation).any():
             sections += [f"## Table 2 ({title}, mean ± std over seeds)", "",
@@ -311,6 +319,26 @@ def _table2_sections(runs: pd.DataFrame) -> list[str]:
                      f"noisy set whose labels are all correct (`noise_truth.csv`); the noisy "
                      f"set's base rate is {base_rate.dropna().iloc[0]:.3f}.", ""]
     return sections
+
+
+def describe(profile: Profile) -> str:
+    """The settings an ablation toggles, in words, for the report's reader."""
+    train, augment = profile.train, profile.augment
+    on = {True: "on", False: "off"}
+    return (f"profile `{profile.name}`, CNN-model-1 at width {train.width:g}, "
+            f"{train.epochs} epochs per fold, {train.n_folds} folds, SpecMix {on[augment.specmix]}, "
+            f"mixup {on[augment.mixup]}, bf16 autocast {on[train.amp]} (where the CPU has bf16 "
+            "units), each stage warm-started from the previous one")
+
+
+def cost_line(runs: pd.DataFrame) -> str:
+    """What the sweep cost, from the pipeline runs' own start and end times."""
+    if "minutes" not in runs:
+        return ""
+    pipelines = runs.drop_duplicates("pipeline_run_id")
+    return (f"Cost: {len(pipelines)} pipeline runs, {pipelines['minutes'].sum():.0f} min of "
+            f"wall time in all ({pipelines['minutes'].mean():.1f} min each; a pipeline that "
+            "reuses a finished stage run takes less).")
 
 
 def report_cells(table: pd.DataFrame) -> pd.DataFrame:
@@ -327,11 +355,11 @@ def report_cells(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def _copy_figures(runs: pd.DataFrame, out_dir: Path) -> list[Path]:
-    """Stage curves and per-class lwlrap of the first full run, for the README."""
-    full = runs[runs["ablation"] == "full"].sort_values("seed")
-    if full.empty:
+    """Stage curves and per-class lwlrap of the first default run, for the README."""
+    default = runs[runs["ablation"] == "default"].sort_values("seed")
+    if default.empty:
         return []
-    table = read_table(full["pipeline_run_id"].iloc[0], "report/stage_table.csv")
+    table = read_table(default["pipeline_run_id"].iloc[0], "report/stage_table.csv")
     wanted = {f"curves_{row.stage}.png": (row.run_id, "curves.png")
               for row in table.itertuples() if row.stage.startswith("stage")}
     ensemble = table.loc[table["stage"] == "ensemble", "run_id"]
@@ -357,7 +385,7 @@ def run_ablations(request: AblationRequest, out_dir: Path, command: str) -> pd.D
                               "lwlrap, so the test clips need their labels")
     runs = run_sweep(request, data)
     baseline = baseline_row(dataset, request.profile, request.cache_dir)
-    files = write_report(runs, baseline, out_dir, command)
+    files = write_report(runs, baseline, request.profile, out_dir, command)
     with mlflow.start_run(run_name="ablations"):
         mlflow.set_tags({TAG_STAGE: "ablations", TAG_DATASET: dataset_fingerprint(dataset)})
         mlflow.log_params({"ablations": ",".join(request.names),

@@ -10,7 +10,15 @@ from pathlib import Path
 import click
 
 from fat_mlflow.benchmarks import BENCHMARK_PROFILES
-from fat_mlflow.config import PROFILES, DemoConfig, Profile, get_profile, parse_overrides
+from fat_mlflow.config import (
+    ABLATIONS,
+    DEFAULT_ABLATIONS,
+    PROFILES,
+    DemoConfig,
+    Profile,
+    get_profile,
+    parse_overrides,
+)
 from fat_mlflow.demo import CLIP_CHOICES
 from fat_mlflow.esc50 import SOURCES_HELP
 
@@ -390,8 +398,9 @@ def tag(files: tuple[Path, ...], model_uri: str, top_k: int) -> None:
 @click.option("--seeds", default="0,1,2", show_default=True,
               help="Comma-separated seeds; every ablation runs once per seed.")
 @click.option("--only", default="", metavar="NAME[,NAME]",
-              help="Ablations to run (default all): full, no_specmix, specmix_no_mixup, "
-                   "no_mixing, no_warm_start.")
+              help=f"Ablations to run, of {', '.join(ABLATIONS)} (default: "
+                   f"{', '.join(DEFAULT_ABLATIONS)}); each sets its settings on top of the "
+                   "profile, so one equal to the profile reuses the default's runs.")
 @click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
               help="Pipelines trained in parallel processes (the CPU threads are split).")
 @click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path),
@@ -399,19 +408,19 @@ def tag(files: tuple[Path, ...], model_uri: str, top_k: int) -> None:
               help="Where ablations.md, the CSVs and the figures are written.")
 @esc50_option
 def ablations(data, profile, overrides, cache_dir, seeds, only, jobs, out_dir, esc50):
-    """Quality ablations (SpecMix, mixup, warm start, single fold) over several seeds.
+    """Quality ablations (SpecMix, mixup, warm start, bf16, single fold) over several seeds.
 
     Each ablation at each seed is a whole pipeline run in the tracking store, reused when
-    it already finished; the report (mean, std, paired difference to the full pipeline,
-    logistic-regression floor) goes to OUT_DIR and to an `ablations` run.
+    it already finished; the report (mean, std, paired difference to the default pipeline,
+    logistic-regression floor, wall time) goes to OUT_DIR and to an `ablations` run.
     """
     import shlex
     import sys
 
-    from fat_mlflow.ablations import ABLATIONS, AblationRequest, run_ablations
+    from fat_mlflow.ablations import AblationRequest, run_ablations
 
     seed_list = _int_list(seeds, "--seeds")
-    names = [n.strip() for n in only.split(",") if n.strip()] or list(ABLATIONS)
+    names = [n.strip() for n in only.split(",") if n.strip()] or list(DEFAULT_ABLATIONS)
     try:
         request = AblationRequest(profile=_profile(profile, overrides, None), seeds=seed_list,
                                   esc50=esc50,

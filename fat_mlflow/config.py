@@ -184,6 +184,35 @@ def _coerce(raw: Any, kind: type, name: str) -> Any:
         raise ValueError(f"{name}: expected {kind.__name__}, got {raw!r}") from error
 
 
+@dataclass(frozen=True)
+class Ablation:
+    """One variant of the pipeline that `fat-mlflow ablations` compares with the profile."""
+
+    name: str
+    description: str
+    overrides: dict[str, str] = field(default_factory=dict)
+    warm_start: bool = True
+
+
+ABLATIONS: dict[str, Ablation] = {a.name: a for a in (
+    Ablation("default", "the profile as given"),
+    Ablation("specmix", "SpecMix without mixup",
+             {"augment.specmix": "true", "augment.mixup": "false"}),
+    Ablation("specmix_mixup", "SpecMix + mixup (the seed's augmentation)",
+             {"augment.specmix": "true", "augment.mixup": "true"}),
+    Ablation("mixup", "mixup without SpecMix",
+             {"augment.specmix": "false", "augment.mixup": "true"}),
+    Ablation("no_mixing", "neither SpecMix nor mixup",
+             {"augment.specmix": "false", "augment.mixup": "false"}),
+    Ablation("no_warm_start", "every stage from scratch", warm_start=False),
+    Ablation("float32", "float32 throughout (no bf16 autocast, no channels_last)",
+             {"train.amp": "false", "train.channels_last": "false"}),
+)}
+# What `ablations` and `results` run without --only: what SpecMix and the warm-up do at the
+# profile's budget (each is about one main job of CPU time per seed).
+DEFAULT_ABLATIONS = ("default", "specmix", "no_warm_start")
+
+
 PROFILES: dict[str, Profile] = {
     "paper": Profile(name="paper"),
     # The demo's budget (issue-18 study, docs/study): on ~13 curated clips per class a network of

@@ -27,7 +27,7 @@ from fat_mlflow.config import get_profile
 from fat_mlflow.data import DataLayoutError, load_dataset
 from fat_mlflow.features import FeatureCache
 from fat_mlflow.metrics import lwlrap
-from fat_mlflow.tracking import download, read_table
+from fat_mlflow.tracking import TAG_PIPELINE, download, read_table
 
 
 def _specs(dataset, frame):
@@ -62,30 +62,36 @@ def _runs(values: dict[str, list[float]], column: str = "ensemble_test") -> pd.D
 
 
 def test_summary_pairs_seeds_and_calls_only_consistent_gaps_significant():
-    runs = _runs({"full": [0.30, 0.35, 0.25],
-                  "no_specmix": [0.20, 0.251, 0.149],  # 0.1 lower at every seed
+    runs = _runs({"default": [0.30, 0.35, 0.25],
+                  "specmix": [0.20, 0.251, 0.149],  # 0.1 lower at every seed
                   "no_warm_start": [0.40, 0.30, 0.26]})  # higher on average, but erratic
     summary = summarise(runs).set_index("configuration")
-    full = summary.loc["full pipeline (ensemble of stages 2-4)"]
-    assert full["mean"] == pytest.approx(0.30) and full["std"] == pytest.approx(0.05)
-    no_specmix = summary.loc["no SpecMix (mixup only)"]
-    assert no_specmix["delta_vs_full"] == pytest.approx(-0.1, abs=1e-3)
-    assert no_specmix["p_value"] < 0.01 and no_specmix["verdict"] == "worse than full"
+    default = summary.loc["default pipeline (ensemble of stages 2-4)"]
+    assert default["mean"] == pytest.approx(0.30) and default["std"] == pytest.approx(0.05)
+    specmix = summary.loc["SpecMix without mixup"]
+    assert specmix["delta_vs_default"] == pytest.approx(-0.1, abs=1e-3)
+    assert specmix["p_value"] < 0.01 and specmix["verdict"] == "worse than default"
     erratic = summary.loc["no warm start (every stage from scratch)"]
-    assert erratic["delta_vs_full"] > 0 and erratic["verdict"] == "not significant"
-    assert "SpecMix without mixup" not in summary.index  # not run: left out, not zero
+    assert erratic["delta_vs_default"] > 0 and erratic["verdict"] == "not significant"
+    assert "mixup without SpecMix" not in summary.index  # not run: left out, not zero
 
 
-def test_ablation_key_separates_settings_and_seeds():
-    base = get_profile("tiny")
-    keys = {ablation_key(a, ablation_profile(base, a, seed, 1), "data")
-            for a in ABLATIONS.values() for seed in (0, 1)}
-    assert len(keys) == 2 * len(ABLATIONS)
-    full = ABLATIONS["full"]
-    assert (ablation_key(full, ablation_profile(base, full, 0, 1), "data")
-            == ablation_key(full, ablation_profile(base, full, 0, 1), "data"))
-    profile = ablation_profile(base, ABLATIONS["no_specmix"], 3, 1)
+def _key(base, name: str, seed: int = 0, threads: int = 1) -> str:
+    ablation = ABLATIONS[name]
+    return ablation_key(ablation, ablation_profile(base, ablation, seed, threads), "data")
+
+
+def test_ablation_key_separates_settings_and_seeds_and_joins_equal_settings():
+    base = get_profile("tiny")  # SpecMix + mixup on, like the paper's profile
+    keys = {_key(base, name, seed) for name in ABLATIONS for seed in (0, 1)}
+    # specmix_mixup sets what the profile has: the same pipeline as default
+    assert len(keys) == 2 * (len(ABLATIONS) - 1)
+    assert _key(base, "specmix_mixup") == _key(base, "default") == _key(base, "default", 0, 2)
+    quick = get_profile("quick")  # mixes nothing: there no_mixing is the default pipeline
+    assert _key(quick, "no_mixing") == _key(quick, "default") != _key(quick, "specmix_mixup")
+    profile = ablation_profile(base, ABLATIONS["mixup"], 3, 1)
     assert profile.augment.specmix is False and profile.train.seed == 3
+    assert ablation_profile(base, ABLATIONS["float32"], 0, 1).train.amp is False
 
 
 def test_single_fold_scores_average_to_the_stage_test_scores(tiny_chain):
@@ -117,23 +123,26 @@ def test_report_writes_tables_and_the_pipeline_figures(tiny_chain, tmp_path: Pat
     dataset = load_dataset(tiny_chain.data)
     with tiny_chain.store():
         row = pipeline_row(tiny_chain.pipeline_run_id, dataset)
-        runs = pd.DataFrame([row | {"ablation": "full", "seed": 0},
+        runs = pd.DataFrame([row | {"ablation": "default", "seed": 0},
                              row | {"ablation": "no_warm_start", "seed": 0}])
-        files = write_report(runs, {"logreg_curated_test": 0.5}, tmp_path, "fat-mlflow x")
+        files = write_report(runs, {"logreg_curated_test": 0.5}, get_profile("tiny"), tmp_path,
+                             "fat-mlflow x")
     names = {path.name for path in files}
     assert {"ablations.md", "ablations.csv", "ablation_runs.csv", "ablations.png",
             "curves_stage1.png", "per_class_lwlrap.png"} <= names
     text = (tmp_path / "ablations.md").read_text()
     assert "`fat-mlflow x`" in text and "logistic regression" in text
     assert f"{row['ensemble_test']:.3f}" in text
-    assert "## Table 2 (full pipeline" in text and "## Table 2 (no warm start" in text
+    assert "## Table 2 (default pipeline" in text and "## Table 2 (no warm start" in text
+    assert "profile `tiny`" in text and "SpecMix on, mixup on" in text
+    assert f"Cost: 1 pipeline runs, {row['minutes']:.0f} min" in text and row["minutes"] > 0
     assert f"{row['model3_selection_precision']:.3f}" in text
     assert f"{row['model3_selected_clips']:.1f}" in text
     assert f"base rate is {row['model3_noisy_base_rate']:.3f}" in text
 
 
 def test_cli_rejects_unknown_ablations_before_any_work(tmp_path: Path):
-    result = CliRunner().invoke(main, ["ablations", "--only", "full,no_dropout",
+    result = CliRunner().invoke(main, ["ablations", "--only", "default,no_dropout",
                                        "--out-dir", str(tmp_path)])
     assert result.exit_code == 2 and "no_dropout" in result.output
     result = CliRunner().invoke(main, ["ablations", "--seeds", "one,two"])
@@ -163,3 +172,21 @@ def test_data_without_test_labels_is_refused_before_any_training(demo_data: Path
     with pytest.raises(DataLayoutError, match="test_truth.csv: no labelled test clip"):
         run_ablations(request, tmp_path / "report", "fat-mlflow ablations")
     assert not mlflow.search_runs(search_all_experiments=True, output_format="list")
+
+
+def test_sweep_trains_ablations_with_equal_settings_once(demo_data: Path, tmp_path: Path,
+                                                          tracking):
+    # on the tiny profile (SpecMix + mixup on) `specmix_mixup` is the default pipeline
+    request = AblationRequest(profile=get_profile("tiny"), seeds=[0], data=demo_data,
+                              names=["default", "specmix_mixup"])
+    summary = run_ablations(request, tmp_path / "report", "fat-mlflow ablations")
+    runs = pd.read_csv(tmp_path / "report" / "ablation_runs.csv")
+    assert list(runs["ablation"]) == ["default", "specmix_mixup"]
+    assert runs["pipeline_run_id"].nunique() == 1
+    pipelines = mlflow.search_runs(filter_string="tags.`fat.ablation` = 'default'",
+                                   output_format="list")
+    assert len([run for run in pipelines if TAG_PIPELINE in run.data.tags]) == 1
+    reference, same = summary.set_index("configuration").loc[
+        ["default pipeline (ensemble of stages 2-4)", "SpecMix + mixup (the seed's)"], "mean"]
+    assert reference == same and 0 < reference <= 1
+    assert "Cost: 1 pipeline runs" in (tmp_path / "report" / "ablations.md").read_text()
