@@ -23,11 +23,16 @@ import pandas as pd
 import torch
 from scipy import stats
 
-from fat_mlflow.baseline import floor_test_lwlrap
 from fat_mlflow.config import ABLATIONS, DEFAULT_ABLATIONS, Ablation, Profile
 from fat_mlflow.data import DataLayoutError, FatDataset, dataset_fingerprint, load_dataset
 from fat_mlflow.metrics import lwlrap
-from fat_mlflow.pipeline import PipelineRequest, ensure_demo_data, run_pipeline
+from fat_mlflow.pipeline import (
+    DEMO_DIR,
+    FLOOR_TRAINING_SETS,
+    PipelineRequest,
+    ensure_demo_data,
+    run_pipeline,
+)
 from fat_mlflow.plots import plot_ablations
 from fat_mlflow.tracking import (
     TAG_DATASET,
@@ -40,6 +45,7 @@ from fat_mlflow.tracking import (
 
 TAG_ABLATION = "fat.ablation"
 TAG_KEY = "fat.ablation_key"
+FLOOR_COLUMNS = tuple(f"logreg_{name}_test" for name in FLOOR_TRAINING_SETS)
 
 
 @dataclass(frozen=True)
@@ -138,6 +144,10 @@ def pipeline_row(pipeline_id: str, dataset: FatDataset) -> dict:
     row: dict = {"pipeline_run_id": pipeline_id}
     for record in table.to_dict("records"):
         name = "ensemble" if record["stage"] == "ensemble" else f"model{record['stage'][-1]}"
+        if name == "ensemble":  # the floor that fat_mlflow.ensemble scored on the same clips
+            row |= {column: float(record[f"floor_lwlrap_{training_set}"])
+                    for training_set, column in zip(FLOOR_TRAINING_SETS, FLOOR_COLUMNS)
+                    if pd.notna(record.get(f"floor_lwlrap_{training_set}"))}
         for column in ("lwlrap_noisy", "lwlrap_curated", "lwlrap_test", "selection_precision",
                        "selected_clips", "noisy_base_rate"):
             value = record.get(column)
@@ -204,10 +214,11 @@ def _train(request: AblationRequest, data: Path, tasks: list[tuple[str, int]]) -
     return [results[task] for task in tasks]
 
 
-def baseline_row(dataset: FatDataset, profile: Profile, cache_dir: Path | None) -> dict:
-    """The logistic-regression floor on the same cached features (fat_mlflow.baseline)."""
-    return {f"logreg_{name}_test": value
-            for name, value in floor_test_lwlrap(dataset, profile.features, cache_dir).items()}
+def floor_row(runs: pd.DataFrame) -> dict:
+    """The logistic floor's test lwlrap, as the sweep's ensemble runs logged it (the same
+    clips for every run: one dataset)."""
+    return {column: float(runs[column].dropna().iloc[0]) for column in FLOOR_COLUMNS
+            if column in runs and runs[column].notna().any()}
 
 
 def summarise(runs: pd.DataFrame) -> pd.DataFrame:
@@ -376,15 +387,14 @@ def _copy_figures(runs: pd.DataFrame, out_dir: Path) -> list[Path]:
 def run_ablations(request: AblationRequest, out_dir: Path, command: str) -> pd.DataFrame:
     """The whole sweep + baseline + report, with the report logged as one `ablations` run."""
     configure_tracking()
-    data = request.data or ensure_demo_data(PipelineRequest(
-        data=None, profile=request.profile, archs=["cnn"], esc50=request.esc50))
+    data = request.data or ensure_demo_data(DEMO_DIR, request.esc50)
     dataset = load_dataset(data)
     if not dataset.has_test_truth:
         raise DataLayoutError(f"{data / 'test_truth.csv'}: no labelled test clip (no such "
                               "file, or no test clip at all); the ablations compare test "
                               "lwlrap, so the test clips need their labels")
     runs = run_sweep(request, data)
-    baseline = baseline_row(dataset, request.profile, request.cache_dir)
+    baseline = floor_row(runs)
     files = write_report(runs, baseline, request.profile, out_dir, command)
     with mlflow.start_run(run_name="ablations"):
         mlflow.set_tags({TAG_STAGE: "ablations", TAG_DATASET: dataset_fingerprint(dataset)})

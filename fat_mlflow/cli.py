@@ -16,6 +16,7 @@ from fat_mlflow.config import (
     PROFILES,
     DemoConfig,
     Profile,
+    StudyGrid,
     get_profile,
     parse_overrides,
 )
@@ -439,12 +440,13 @@ def ablations(data, profile, overrides, cache_dir, seeds, only, jobs, out_dir, e
 @cache_option
 @click.option("--seeds", default="42", show_default=True,
               help="Comma-separated seeds; every point runs once per seed.")
-@click.option("--budgets", default="0.125x16,0.125x32,0.25x8,0.25x16,0.25x32", show_default=True,
-              metavar="WIDTHxEPOCHS[,...]",
-              help="The budget axis: network width x epochs per fold, on the default demo.")
-@click.option("--curated-per-class", "curated", default="3,6,9,0", show_default=True,
+@click.option("--budgets", default="", metavar="WIDTHxEPOCHS[,...]",
+              help="The budget axis: network width x epochs per fold, on the default demo "
+                   f"(default: {StudyGrid().budgets_text()}).")
+@click.option("--curated-per-class", "curated", default="",
               help="The data axis: at most this many curated clips per class (0 = all), at the "
-                   "profile's width and epochs.")
+                   "profile's width and epochs (default: "
+                   f"{','.join(map(str, StudyGrid().curated_per_class))}).")
 @click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path),
               default=Path("docs/study"), show_default=True,
               help="Where study.md, the CSV and the figures are written.")
@@ -461,6 +463,7 @@ def study(profile, overrides, cache_dir, seeds, budgets, curated, out_dir, esc50
 
     from fat_mlflow.study import StudyRequest, run_study
 
+    grid = StudyGrid()
     try:
         budget_list = [(float(width), int(epochs)) for width, epochs in
                        (item.strip().split("x") for item in budgets.split(",") if item.strip())]
@@ -469,8 +472,10 @@ def study(profile, overrides, cache_dir, seeds, budgets, curated, out_dir, esc50
                                  param_hint="--budgets") from error
     try:
         request = StudyRequest(profile=_profile(profile, overrides, None),
-                               seeds=_int_list(seeds, "--seeds"), budgets=budget_list,
-                               curated_per_class=_int_list(curated, "--curated-per-class"),
+                               seeds=_int_list(seeds, "--seeds"),
+                               budgets=budget_list or list(grid.budgets),
+                               curated_per_class=(_int_list(curated, "--curated-per-class")
+                                                  or list(grid.curated_per_class)),
                                esc50=esc50, cache_dir=cache_dir)
     except ValueError as error:
         raise click.BadParameter(str(error)) from error

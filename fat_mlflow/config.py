@@ -185,6 +185,19 @@ def _coerce(raw: Any, kind: type, name: str) -> Any:
 
 
 @dataclass(frozen=True)
+class StudyGrid:
+    """The points `fat-mlflow study` trains unless told otherwise (docs/study)."""
+
+    budgets: tuple[tuple[float, int], ...] = (
+        (0.125, 16), (0.125, 32), (0.25, 8), (0.25, 16), (0.25, 32))  # width x epochs per fold
+    curated_per_class: tuple[int, ...] = (3, 6, 9, 0)  # 0: every curated clip of the demo
+
+    def budgets_text(self) -> str:
+        """The form `--budgets` takes."""
+        return ",".join(f"{width:g}x{epochs}" for width, epochs in self.budgets)
+
+
+@dataclass(frozen=True)
 class Ablation:
     """One variant of the pipeline that `fat-mlflow ablations` compares with the profile."""
 

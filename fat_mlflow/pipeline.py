@@ -66,13 +66,16 @@ class FoldJobError(RuntimeError):
     """A fold job process failed; the message carries the end of its output."""
 
 
+DEMO_DIR = Path("demo_data")  # where the main job builds the demo, beside the MLproject
+
+
 @dataclass
 class PipelineRequest:
     data: Path | None
     profile: Profile
     archs: list[str]
     esc50: Path | None = None  # None: found or downloaded by esc50.locate_esc50
-    demo_dir: Path = Path("demo_data")
+    demo_dir: Path = DEMO_DIR
     registered_model: str = "fat2019-tagger"
     threshold: float = 0.5
     max_per_label_per_fold: int = 5
@@ -219,22 +222,24 @@ def run_fold_jobs(request: StageRequest, n_jobs: int) -> None:
     shutil.rmtree(logs)
 
 
-def ensure_demo_data(request: PipelineRequest) -> Path:
-    """The demo dataset in `request.demo_dir`, built first (once, even by concurrent runs)."""
-    if not (request.demo_dir / SUMMARY_FILE).is_file():
-        if request.demo_dir.is_dir() and any(request.demo_dir.iterdir()):  # before any download
-            raise DemoExistsError(f"{request.demo_dir}: not empty, and not a whole demo dataset "
+def ensure_demo_data(demo_dir: Path, esc50: Path | None = None,
+                     recipe: DemoConfig = DemoConfig(), scale: float = 1.0) -> Path:
+    """The demo dataset of `recipe` in `demo_dir`, built first (once, even by concurrent runs).
+    ESC-50 is only looked for (perhaps downloaded) when the demo must be built."""
+    if not (demo_dir / SUMMARY_FILE).is_file():
+        if demo_dir.is_dir() and any(demo_dir.iterdir()):  # before any download
+            raise DemoExistsError(f"{demo_dir}: not empty, and not a whole demo dataset "
                                   f"(no {SUMMARY_FILE}); remove it or pass --data")
-        esc50 = locate_esc50(request.esc50)
-        click.echo(f"building the demo dataset in {request.demo_dir} from {esc50}")
-        build_demo_dataset(esc50, request.demo_dir, seed=0, reuse=True)
-    built = json.loads((request.demo_dir / SUMMARY_FILE).read_text()).get("recipe")
-    if built != dataclasses.asdict(DemoConfig()):
-        recipe = built or "all 50 classes, from before the demo had a recipe"
-        raise DemoExistsError(f"{request.demo_dir}: a demo dataset of another recipe ({recipe}); "
-                              "remove it to build today's demo, or pass --data "
-                              f"{request.demo_dir} to train on it as it is")
-    return request.demo_dir
+        source = locate_esc50(esc50)
+        click.echo(f"building the demo dataset in {demo_dir} from {source}")
+        build_demo_dataset(source, demo_dir, seed=0, scale=scale, reuse=True, recipe=recipe)
+    built = json.loads((demo_dir / SUMMARY_FILE).read_text())
+    if built.get("recipe") != dataclasses.asdict(recipe) or built.get("scale") != scale:
+        settings = built.get("recipe") or "all 50 classes, from before the demo had a recipe"
+        raise DemoExistsError(f"{demo_dir}: a demo dataset of another recipe ({settings}, "
+                              f"scale {built.get('scale')}); remove it to build today's demo, "
+                              f"or pass --data {demo_dir} to train on it as it is")
+    return demo_dir
 
 
 def run_arch_chain(request: PipelineRequest, data: Path, arch: str, parent: str,
@@ -280,7 +285,7 @@ def stage_table(chains: dict[str, dict[str, str]]) -> pd.DataFrame:
 
 def run_pipeline(request: PipelineRequest) -> tuple[str, pd.DataFrame]:
     """features -> stage 1..4 per network -> ensemble; returns the parent run ID and Table 2."""
-    data = request.data or ensure_demo_data(request)
+    data = request.data or ensure_demo_data(request.demo_dir, request.esc50)
     dataset = load_dataset(data)
     check_pipeline_data(dataset, request.profile)  # before the tracking store is even opened
     configure_tracking()

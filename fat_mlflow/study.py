@@ -17,18 +17,15 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import click
 import matplotlib.pyplot as plt
 import mlflow
 import numpy as np
 import pandas as pd
 
-from fat_mlflow.ablations import baseline_row, pipeline_row, report_cells, reused_or_trained
-from fat_mlflow.config import DemoConfig, Profile
+from fat_mlflow.ablations import pipeline_row, report_cells, reused_or_trained
+from fat_mlflow.config import DemoConfig, Profile, StudyGrid
 from fat_mlflow.data import dataset_fingerprint, load_dataset
-from fat_mlflow.demo import SUMMARY_FILE, build_demo_dataset
-from fat_mlflow.esc50 import locate_esc50
-from fat_mlflow.pipeline import PipelineRequest
+from fat_mlflow.pipeline import DEMO_DIR, PipelineRequest, ensure_demo_data
 from fat_mlflow.plots import plot_study_axis
 from fat_mlflow.tracking import TAG_STAGE, configure_tracking
 
@@ -52,11 +49,11 @@ class StudyPoint:
 class StudyRequest:
     profile: Profile  # the default budget and every other setting
     seeds: list[int]
-    budgets: list[tuple[float, int]] = field(
-        default_factory=lambda: [(0.125, 16), (0.125, 32), (0.25, 8), (0.25, 16), (0.25, 32)])
-    curated_per_class: list[int] = field(default_factory=lambda: [3, 6, 9, 0])
+    budgets: list[tuple[float, int]] = field(default_factory=lambda: list(StudyGrid().budgets))
+    curated_per_class: list[int] = field(
+        default_factory=lambda: list(StudyGrid().curated_per_class))
     esc50: Path | None = None
-    demo_dir: Path = Path("demo_data")  # the default demo; the thinned ones go beside it
+    demo_dir: Path = DEMO_DIR  # the default demo; the thinned ones go beside it
     demo_scale: float = 1.0  # < 1: smaller demos (the tests)
     cache_dir: Path | None = None
 
@@ -79,11 +76,8 @@ def study_data(request: StudyRequest, curated_per_class: int) -> Path:
     the main job's when it is there), built once beside `request.demo_dir`."""
     demo = request.demo_dir
     out = demo.parent / f"{demo.name}_curated{curated_per_class}" if curated_per_class else demo
-    if not (out / SUMMARY_FILE).is_file():
-        click.echo(f"building the demo dataset in {out}")
-    build_demo_dataset(locate_esc50(request.esc50), out, scale=request.demo_scale, reuse=True,
-                       recipe=DemoConfig(curated_per_class=curated_per_class))
-    return out
+    return ensure_demo_data(out, request.esc50, DemoConfig(curated_per_class=curated_per_class),
+                            scale=request.demo_scale)
 
 
 def point_key(profile: Profile, fingerprint: str) -> str:
@@ -108,7 +102,6 @@ def run_point(request: StudyRequest, point: StudyPoint, seed: int) -> dict:
     per_class = dataset.curated["labels"].map(len).sum() / len(dataset.vocabulary)
     return {"axis": point.axis, "width": point.width, "epochs": point.epochs,
             "curated_per_class": round(per_class, 1), "seed": seed,
-            **baseline_row(dataset, profile, request.cache_dir),
             **pipeline_row(pipeline_id, dataset)}
 
 
@@ -184,7 +177,7 @@ def run_study(request: StudyRequest, out_dir: Path, command: str) -> pd.DataFram
     with mlflow.start_run(run_name="study"):
         mlflow.set_tag(TAG_STAGE, "study")
         mlflow.log_params({"seeds": ",".join(map(str, request.seeds)),
-                           "budgets": ",".join(f"{w:g}x{e}" for w, e in request.budgets),
+                           "budgets": StudyGrid(tuple(request.budgets)).budgets_text(),
                            "curated_per_class": ",".join(map(str, request.curated_per_class)),
                            **request.profile.flat()})
         for path in files:

@@ -189,4 +189,8 @@ def test_sweep_trains_ablations_with_equal_settings_once(demo_data: Path, tmp_pa
     reference, same = summary.set_index("configuration").loc[
         ["default pipeline (ensemble of stages 2-4)", "SpecMix + mixup (the seed's)"], "mean"]
     assert reference == same and 0 < reference <= 1
-    assert "Cost: 1 pipeline runs" in (tmp_path / "report" / "ablations.md").read_text()
+    # the floor is the one the ensemble run logged on the same test clips
+    ensemble = read_table(runs["pipeline_run_id"][0], "report/stage_table.csv").iloc[-1]
+    assert runs["logreg_curated_test"][0] == pytest.approx(ensemble["floor_lwlrap_curated"])
+    text = (tmp_path / "report" / "ablations.md").read_text()
+    assert "Cost: 1 pipeline runs" in text and "logistic regression on clip statistics" in text

@@ -315,9 +315,8 @@ def test_a_missing_esc50_folder_is_a_clean_error(fresh_clone, tmp_path):
 ENSURE_DEMO = """
 import sys
 from pathlib import Path
-from fat_mlflow.config import get_profile
-from fat_mlflow.pipeline import PipelineRequest, ensure_demo_data
-ensure_demo_data(PipelineRequest(data=None, profile=get_profile("tiny"), archs=["cnn"]))
+from fat_mlflow.pipeline import ensure_demo_data
+ensure_demo_data(Path("demo_data"))
 print("demo ready")
 """
 

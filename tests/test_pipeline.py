@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from fat_mlflow.config import get_profile
+from fat_mlflow.config import DemoConfig, get_profile
 from fat_mlflow.data import dataset_fingerprint, load_dataset
 from fat_mlflow.demo import DemoExistsError
 from fat_mlflow.pipeline import PipelineRequest, ensure_demo_data, run_pipeline
@@ -98,14 +98,14 @@ def test_a_demo_of_an_older_recipe_is_named_not_trained_on(tmp_path):
     old_demo.mkdir()
     (old_demo / "demo_summary.json").write_text(json.dumps({"seed": 0, "scale": 1.0,
                                                             "n_classes": 50}))
-    request = PipelineRequest(data=None, profile=get_profile("tiny"), archs=["cnn"],
-                              demo_dir=old_demo)
     with pytest.raises(DemoExistsError, match="demo_data: a demo dataset of another recipe .*"
                                               "remove it .* or pass --data"):
-        ensure_demo_data(request)
+        ensure_demo_data(old_demo)
 
 
-def test_the_demo_of_todays_recipe_is_reused(demo_data):
-    request = PipelineRequest(data=None, profile=get_profile("tiny"), archs=["cnn"],
-                              demo_dir=demo_data)
-    assert ensure_demo_data(request) == demo_data
+def test_the_demo_of_todays_recipe_is_reused_without_looking_for_esc50(demo_data, tmp_path):
+    built = json.loads((demo_data / "demo_summary.json").read_text())
+    assert ensure_demo_data(demo_data, tmp_path / "nowhere", scale=built["scale"]) == demo_data
+    with pytest.raises(DemoExistsError, match="another recipe"):
+        ensure_demo_data(demo_data, tmp_path / "nowhere", DemoConfig(curated_per_class=1),
+                         scale=built["scale"])
