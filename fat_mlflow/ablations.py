@@ -31,6 +31,7 @@ from fat_mlflow.pipeline import (
     FLOOR_TRAINING_SETS,
     PipelineRequest,
     ensure_demo_data,
+    floors_by_training_set,
     run_pipeline,
 )
 from fat_mlflow.plots import plot_ablations
@@ -45,7 +46,14 @@ from fat_mlflow.tracking import (
 
 TAG_ABLATION = "fat.ablation"
 TAG_KEY = "fat.ablation_key"
-FLOOR_COLUMNS = tuple(f"logreg_{name}_test" for name in FLOOR_TRAINING_SETS)
+
+
+def floor_column(training_set: str) -> str:
+    """The report's column of the floor trained on `training_set`."""
+    return f"logreg_{training_set}_test"
+
+
+FLOOR_COLUMNS = tuple(floor_column(name) for name in FLOOR_TRAINING_SETS)
 
 
 @dataclass(frozen=True)
@@ -145,9 +153,8 @@ def pipeline_row(pipeline_id: str, dataset: FatDataset) -> dict:
     for record in table.to_dict("records"):
         name = "ensemble" if record["stage"] == "ensemble" else f"model{record['stage'][-1]}"
         if name == "ensemble":  # the floor that fat_mlflow.ensemble scored on the same clips
-            row |= {column: float(record[f"floor_lwlrap_{training_set}"])
-                    for training_set, column in zip(FLOOR_TRAINING_SETS, FLOOR_COLUMNS)
-                    if pd.notna(record.get(f"floor_lwlrap_{training_set}"))}
+            row |= {floor_column(training_set): value
+                    for training_set, value in floors_by_training_set(record).items()}
         for column in ("lwlrap_noisy", "lwlrap_curated", "lwlrap_test", "selection_precision",
                        "selected_clips", "noisy_base_rate"):
             value = record.get(column)

@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -336,11 +337,17 @@ def build_and_register(run_ids: list[str], data: Path, registered_model: str,
             "registered_version": version}
 
 
+def floors_by_training_set(ensemble_record: Mapping) -> dict[str, float]:
+    """The floor's test lwlrap by training set ("curated_noisy"), where the ensemble scored it."""
+    values = {name: ensemble_record.get(f"floor_lwlrap_{name}") for name in FLOOR_TRAINING_SETS}
+    return {name: float(value) for name, value in values.items()
+            if value is not None and pd.notna(value)}
+
+
 def scored_floors(ensemble_row: pd.Series) -> dict[str, float]:
-    """The floor's test lwlrap by training set ("curated + noisy"), where it was scored."""
-    values = {name.replace("_", " + "): ensemble_row.get(f"floor_lwlrap_{name}")
-              for name in FLOOR_TRAINING_SETS}
-    return {name: value for name, value in values.items() if pd.notna(value)}
+    """The floor's test lwlrap under display names ("curated + noisy")."""
+    return {name.replace("_", " + "): value
+            for name, value in floors_by_training_set(ensemble_row).items()}
 
 
 def with_floor_rows(table: pd.DataFrame) -> pd.DataFrame:
