@@ -391,6 +391,13 @@ def tag(files: tuple[Path, ...], model_uri: str, top_k: int) -> None:
         raise click.ClickException(f"{failed} of {len(files)} file(s) could not be tagged")
 
 
+ablation_names_option = click.option(
+    "--only", default="", metavar="NAME[,NAME]",
+    help=f"Ablations to run, of {', '.join(ABLATIONS)} (default: {', '.join(DEFAULT_ABLATIONS)});"
+         " each sets its settings on top of the profile, so one equal to the profile reuses the "
+         "default's runs.")
+
+
 @main.command()
 @click.option("--data", default="", metavar="DIRECTORY",
               help="Dataset root in the FAT2019 layout; empty = the demo data in ./demo_data.")
@@ -398,10 +405,7 @@ def tag(files: tuple[Path, ...], model_uri: str, top_k: int) -> None:
 @cache_option
 @click.option("--seeds", default="0,1,2", show_default=True,
               help="Comma-separated seeds; every ablation runs once per seed.")
-@click.option("--only", default="", metavar="NAME[,NAME]",
-              help=f"Ablations to run, of {', '.join(ABLATIONS)} (default: "
-                   f"{', '.join(DEFAULT_ABLATIONS)}); each sets its settings on top of the "
-                   "profile, so one equal to the profile reuses the default's runs.")
+@ablation_names_option
 @click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
               help="Pipelines trained in parallel processes (the CPU threads are split).")
 @click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path),
@@ -530,15 +534,16 @@ def benchmark(only: str, size: str, repeats: int, data: str, esc50: str, model_u
 @main.command()
 @settings_options
 @click.option("--seeds", default="0,1,2", show_default=True, help="Seeds of the ablations.")
+@ablation_names_option
 @click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
               help="Ablation pipelines trained in parallel processes.")
 @click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path),
               default=Path("docs/results"), show_default=True,
               help="Where every table and figure is written.")
 @click.pass_context
-def results(ctx: click.Context, profile, overrides, seeds, jobs, out_dir) -> None:
+def results(ctx: click.Context, profile, overrides, seeds, only, jobs, out_dir) -> None:
     """Every table of the README's results in one command: the ablations on the demo data
     (finished runs in the tracking store are reused), then the speed benchmarks."""
-    ctx.invoke(ablations, profile=profile, overrides=overrides, seeds=seeds, jobs=jobs,
-               out_dir=out_dir)
+    ctx.invoke(ablations, profile=profile, overrides=overrides, seeds=seeds, only=only,
+               jobs=jobs, out_dir=out_dir)
     ctx.invoke(benchmark, out=out_dir / "benchmarks.md")
