@@ -19,6 +19,8 @@ from mlflow.tracking import MlflowClient
 
 from fat_mlflow.benchmarks.training import CONFIGS as TRAINING_CONFIGS
 from fat_mlflow.cli import main
+from fat_mlflow.config import PROFILES
+from fat_mlflow.models import build_model, flops_per_sample
 from fat_mlflow.precision import bf16_units
 from fat_mlflow.tracking import DEFAULT_EXPERIMENT
 
@@ -134,6 +136,17 @@ def test_every_result_is_a_run_with_sane_figures_and_the_tables_are_written(
         assert m["throughput_vs_baseline"] == pytest.approx(m["clips_per_s"]
                                                             / base["clips_per_s"])
     assert "clips_per_s" not in decode.metrics
+    # the fold models' share of the matmul peak, and the p50 a clip would take at that peak
+    bound = _by_path(inference, "bound").metrics
+    windows = int(pyfunc.params["latency_windows"])
+    one_model = flops_per_sample(build_model("cnn", 80, PROFILES["quick"].train.width))
+    assert float(pyfunc.params["latency_gflop"]) == pytest.approx(windows * 6 * one_model / 1e9,
+                                                                 abs=0.01)
+    decode_ms = decode.metrics["p50_ms"]
+    assert decode_ms < bound["p50_ms"]
+    for m in (*direct.values(), pyfunc.metrics):
+        assert m["models_share_of_peak"] == pytest.approx(
+            (bound["p50_ms"] - decode_ms) / (m["p50_ms"] - decode_ms))
 
     text = out.read_text()
     assert text == mlflow.artifacts.load_text(f"runs:/{parent.info.run_id}/benchmarks.md")

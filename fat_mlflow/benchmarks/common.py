@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fat_mlflow.benchmarks import BenchmarkProfile
+
 ParamValue = str | int | float | bool
 
 
@@ -139,3 +141,39 @@ def _cpu_name() -> str:
             if line.startswith("model name"):
                 return line.partition(":")[2].strip()
     return platform.processor() or platform.machine()
+
+
+GPU_MATMUL_N = 8192  # a GPU reaches its peak only on a product this large
+MIN_MATMUL_SECONDS = 0.2  # each peak figure times enough products to fill this
+
+
+def matmul_products(device: torch.device, n: int,
+                    dtype: torch.dtype) -> tuple[Callable[[], None], float]:
+    """A call of enough n x n matmuls in `dtype` to dwarf the timer's resolution (at least
+    MIN_MATMUL_SECONDS), and its FLOPs: what a peak is timed on."""
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=generator).to(device, dtype)
+    b = torch.randn(n, n, generator=generator).to(device, dtype)
+    count = 1
+
+    def products() -> None:
+        for _ in range(count):
+            torch.mm(a, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    products()  # warm-up
+    while (seconds := timed(products, 1)[0]) < MIN_MATMUL_SECONDS:
+        count *= max(2, min(16, int(MIN_MATMUL_SECONDS / max(seconds, 1e-6))))
+    return products, 2 * n**3 * count
+
+
+def matmul_peaks(device: torch.device, size: BenchmarkProfile) -> tuple[int, dict[str, float]]:
+    """The side of the matmul and the peak FLOP/s it reaches in float32 and in bfloat16, timed
+    in turn: what the models' FLOP/s are compared with, in the same process."""
+    matmul_n = GPU_MATMUL_N if device.type == "cuda" else size.matmul_n
+    products = {name: matmul_products(device, matmul_n, dtype)
+                for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16))}
+    seconds = timed_alternately({name: call for name, (call, _) in products.items()},
+                                size.repeats)
+    return matmul_n, {name: flops / median(seconds[name]) for name, (_, flops) in products.items()}

@@ -44,6 +44,7 @@ from fat_mlflow.benchmarks.common import (
     Result,
     Table,
     machine_facts,
+    matmul_peaks,
     median,
     passes,
     percentiles_ms,
@@ -53,7 +54,7 @@ from fat_mlflow.benchmarks.features import benchmark_clips
 from fat_mlflow.config import PROFILES, FeatureConfig
 from fat_mlflow.dataset import window_starts
 from fat_mlflow.esc50 import SOURCES_HELP
-from fat_mlflow.models import build_model, save_checkpoint
+from fat_mlflow.models import build_model, flops_per_sample, save_checkpoint
 from fat_mlflow.precision import Precision, resolve_precision
 from fat_mlflow.processes import free_port, stop_group, wait_until
 from fat_mlflow.tagger import (
@@ -75,7 +76,8 @@ WARMUP_CALLS = 3  # oneDNN builds its kernels for each new input shape on first 
 COLUMNS = (("p50_ms", "p50 ms (one clip)"), ("p95_ms", "p95 ms"),
            ("clips_per_s", "clips/s (batch)"),
            ("latency_speed_vs_baseline", "latency: speed vs baseline (x)"),
-           ("throughput_vs_baseline", "clips/s vs baseline (x)"))
+           ("throughput_vs_baseline", "clips/s vs baseline (x)"),
+           ("models_share_of_peak", "fold models: share of matmul peak"))
 
 
 def save_tagger(folder: Path, archs: Sequence[str], runs_per_arch: int, n_folds: int) -> Path:
@@ -237,6 +239,26 @@ def direct_scoring(tagger: FatTagger, path: ScoringPath) -> Callable[[list[str]]
     return score
 
 
+def scoring_flops(tagger: FatTagger, n_windows: int) -> int:
+    """Forward FLOPs of every fold model on `n_windows` windows: the work of one clip."""
+    n_mels = tagger.spec.features.n_mels
+    return n_windows * sum(flops_per_sample(model, (3, n_mels, member.window))
+                           for models, member in tagger.members for model in models)
+
+
+def add_peak_shares(figures: dict[str, dict[str, float]], clip_flops: float,
+                    peak_flop_per_s: float) -> None:
+    """Each scoring row's fold-model FLOP/s (its one-clip p50 less decode + log-mel) as a share
+    of the matmul peak, and the `bound` row: the p50 a clip would take at that peak. Scoring
+    is compute-bound, so no code reaches below the bound on this machine."""
+    decode_ms = figures["decode"]["p50_ms"]
+    for key, row in figures.items():
+        if key != "decode" and row["p50_ms"] > decode_ms:
+            row["models_share_of_peak"] = clip_flops / peak_flop_per_s * 1e3 / (
+                row["p50_ms"] - decode_ms)
+    figures["bound"] = {"p50_ms": decode_ms + clip_flops / peak_flop_per_s * 1e3}
+
+
 def run(clips: Sequence[Path], size: BenchmarkProfile, model_uri: str | None = None,
         http: bool = False) -> Table:
     """The ensemble scored eagerly in float32 (the baseline), eagerly in bf16, and the served
@@ -267,6 +289,10 @@ def run(clips: Sequence[Path], size: BenchmarkProfile, model_uri: str | None = N
         if http:
             with served(uri) as url:
                 figures.update(measure({"http": http_predict(url)}, one, batch, calls, repeats))
+        clip_flops = scoring_flops(tagger, n_windows)
+        matmul_n, peaks = matmul_peaks(tagger.precision.device, size)
+        peak_name = "bfloat16" if tagger.precision.bfloat16 else "float32"
+        add_peak_shares(figures, clip_flops, peaks[peak_name])
         base = figures[paths[0].key]
         for row in figures.values():
             row["latency_speed_vs_baseline"] = base["p50_ms"] / row["p50_ms"]
@@ -276,7 +302,9 @@ def run(clips: Sequence[Path], size: BenchmarkProfile, model_uri: str | None = N
     shared: dict[str, ParamValue] = {
         "latency_clip": clip.name, "latency_clip_seconds": round(clip_seconds, 3),
         "latency_windows": n_windows, "latency_calls": calls, "batch_clips": len(batch),
-        "repeats": repeats, "n_classes": len(spec.vocabulary), "n_fold_models": n_models}
+        "repeats": repeats, "n_classes": len(spec.vocabulary), "n_fold_models": n_models,
+        "latency_gflop": round(clip_flops / 1e9, 2), "matmul_n": matmul_n,
+        "matmul_peak_dtype": peak_name}
     source = model_uri or (f"untrained quick-shaped ensemble ({'+'.join(size.ensemble_archs)}, "
                            f"{size.ensemble_runs} runs x {size.ensemble_folds} folds)")
     served_as = ScoringPath("pyfunc", tagger.precision, True)
@@ -287,9 +315,11 @@ def run(clips: Sequence[Path], size: BenchmarkProfile, model_uri: str | None = N
         "http": (f"ensemble, HTTP (mlflow models serve, {served_as.describe(False)})", "http",
                  served_as),
         "decode": ("decode + log-mel only (shared by all models)", "preprocessing", None),
+        "bound": (f"bound: decode + log-mel, then the fold models at the {peak_name} matmul "
+                  "peak", "bound", None),
     }
     results = []
-    for key in (*(path.key for path in paths), "pyfunc", "http", "decode"):
+    for key in (*(path.key for path in paths), "pyfunc", "http", "decode", "bound"):
         if key not in figures:
             continue
         setting, route, scoring = labels[key]
@@ -299,8 +329,9 @@ def run(clips: Sequence[Path], size: BenchmarkProfile, model_uri: str | None = N
                            "served_path": scoring.optimised})
         results.append(Result(setting, params, figures[key], baseline=key == paths[0].key))
     title = (f"{source}, {n_models} fold models; latency: {clip.name} ({clip_seconds:.1f} s, "
-             f"{n_windows} windows after trimming), {calls} calls; batch: {len(batch)} clips, "
-             f"{passes(repeats)}")
+             f"{n_windows} windows after trimming: {clip_flops / 1e9:.1f} GFLOP in the fold "
+             f"models), {calls} calls; batch: {len(batch)} clips, {passes(repeats)}; matmul "
+             f"peak {peaks[peak_name] / 1e12:.3f} TFLOP/s ({peak_name}, {matmul_n}x{matmul_n})")
     return Table("inference", title, COLUMNS, tuple(results),
                  machine_facts(tagger.precision.device))
 

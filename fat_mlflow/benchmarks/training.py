@@ -31,9 +31,9 @@ from fat_mlflow.benchmarks.common import (
     Result,
     Table,
     machine_facts,
+    matmul_peaks,
     median,
     passes,
-    timed,
     timed_alternately,
 )
 from fat_mlflow.config import get_profile
@@ -46,8 +46,6 @@ from fat_mlflow.training import augmented_step, resolve_device
 CONFIGS = (("quick", "cnn", 0.125), ("quick", "cnn", 0.25), ("paper", "cnn", 1.0),
            ("paper", "vgg16", 1.0))
 N_CLASSES = 80  # FAT2019's vocabulary: the size of the head
-GPU_MATMUL_N = 8192  # a GPU reaches its peak only on a product this large
-MIN_MATMUL_SECONDS = 0.2  # each peak figure times enough products to fill this
 COLUMNS = (("params_M", "params (M)"), ("gflop_fwd_per_sample", "GFLOP fwd/sample"),
            ("samples_per_s", "samples/s"), ("tflop_per_s", "TFLOP/s (train = 3 x fwd)"),
            ("share_of_float32_peak", "share of float32 peak"),
@@ -67,28 +65,6 @@ def load_npy_dir(folder: Path, n: int) -> list[np.ndarray]:
     if not files:
         raise FileNotFoundError(f"{folder}: no .npy spectrograms found")
     return [np.load(path) for path in files]
-
-
-def matmul_products(device: torch.device, n: int,
-                    dtype: torch.dtype) -> tuple[Callable[[], None], float]:
-    """A call of enough n x n matmuls in `dtype` to dwarf the timer's resolution (at least
-    MIN_MATMUL_SECONDS), and its FLOPs: what a peak the training rows are compared with is
-    timed on."""
-    generator = torch.Generator().manual_seed(0)
-    a = torch.randn(n, n, generator=generator).to(device, dtype)
-    b = torch.randn(n, n, generator=generator).to(device, dtype)
-    count = 1
-
-    def products() -> None:
-        for _ in range(count):
-            torch.mm(a, b)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    products()  # warm-up
-    while (seconds := timed(products, 1)[0]) < MIN_MATMUL_SECONDS:
-        count *= max(2, min(16, int(MIN_MATMUL_SECONDS / max(seconds, 1e-6))))
-    return products, 2 * n**3 * count
 
 
 def training_steps(profile_name: str, arch: str, width: float, precision: Precision,
@@ -138,14 +114,8 @@ def run(size: BenchmarkProfile, device: torch.device,
     """
     specs = specs if specs is not None else synthetic_spectrograms(8)
     on_gpu = device.type == "cuda"
-    matmul_n = GPU_MATMUL_N if on_gpu else size.matmul_n
     formats = precisions(device)
-    products = {name: matmul_products(device, matmul_n, dtype)
-                for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16))}
-    matmul_seconds = timed_alternately({name: call for name, (call, _) in products.items()},
-                                       size.repeats)
-    peaks = {name: flops / median(matmul_seconds[name])
-             for name, (_, flops) in products.items()}
+    matmul_n, peaks = matmul_peaks(device, size)
 
     def shares(flop_per_s: float, speed_vs_float32: float) -> dict[str, float]:
         return {"tflop_per_s": flop_per_s / 1e12,
