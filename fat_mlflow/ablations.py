@@ -239,7 +239,8 @@ def summarise(runs: pd.DataFrame) -> pd.DataFrame:
             continue
         row = {"configuration": comparison.label, "seeds": len(values),
                "mean": values.mean(), "std": values.std(ddof=1) if len(values) > 1 else np.nan,
-               "min": values.min(), "max": values.max()}
+               "min": values.min(), "max": values.max(),
+               "minutes": _pipeline_minutes(runs, comparison)}
         if comparison is not REFERENCE:
             paired = pd.concat([values, reference], axis=1, join="inner").dropna()
             diff = paired.iloc[:, 0] - paired.iloc[:, 1]
@@ -250,6 +251,14 @@ def summarise(runs: pd.DataFrame) -> pd.DataFrame:
             row["verdict"] = verdict(row["delta_vs_default"], row["p_value"])
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _pipeline_minutes(runs: pd.DataFrame, comparison: Comparison) -> float:
+    """Mean wall minutes of the pipelines a configuration is (its ensemble): what it costs
+    beside what it scores; NaN for a part of a pipeline (one stage, one fold model)."""
+    if comparison.column != "ensemble_test" or "minutes" not in runs:
+        return np.nan
+    return float(runs.loc[runs["ablation"] == comparison.ablation, "minutes"].mean())
 
 
 def verdict(delta: float, p_value: float, alpha: float = 0.05) -> str:
@@ -312,7 +321,7 @@ def write_report(runs: pd.DataFrame, baseline: dict, profile: Profile, out_dir: 
         "# Ablations on the demo data", "",
         f"Reproduce with `{command}`. Test lwlrap over seeds {seeds}; `delta_vs_default` is "
         "the mean paired difference to the default pipeline at the same seed, `p_value` a "
-        "paired t-test.", "",
+        "paired t-test; `minutes` the mean wall time of a configuration's pipeline runs.", "",
         f"The default pipeline: {describe(profile)}.", "",
         cost_line(runs), "",
         report_cells(report).to_markdown(index=False, disable_numparse=True), "",
@@ -360,12 +369,15 @@ def cost_line(runs: pd.DataFrame) -> str:
 
 
 def report_cells(table: pd.DataFrame) -> pd.DataFrame:
-    """Three decimals, p-values below 0.001 as such, blanks where a figure does not apply."""
+    """Three decimals (minutes: one), p-values below 0.001 as such, blanks where a figure
+    does not apply."""
     def cell(value, column: str):
         if not isinstance(value, float):
             return value
         if pd.isna(value):
             return ""
+        if column == "minutes":
+            return f"{value:.1f}"
         return "< 0.001" if column == "p_value" and value < 0.001 else f"{value:.3f}"
 
     return pd.DataFrame({column: [cell(v, column) for v in table[column].astype(object)]

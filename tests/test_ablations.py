@@ -74,6 +74,17 @@ def test_summary_pairs_seeds_and_calls_only_consistent_gaps_significant():
     erratic = summary.loc["no warm start (every stage from scratch)"]
     assert erratic["delta_vs_default"] > 0 and erratic["verdict"] == "not significant"
     assert "mixup without SpecMix" not in summary.index  # not run: left out, not zero
+    assert summary["minutes"].isna().all()  # these runs have no times
+
+
+def test_summary_gives_each_pipeline_its_mean_wall_time_and_parts_none():
+    runs = _runs({"default": [0.30, 0.35], "float32": [0.31, 0.34]})
+    runs["minutes"] = [10.0, 12.0, 25.0, 27.0]
+    runs["model4_test"] = 0.4
+    summary = summarise(runs).set_index("configuration")["minutes"]
+    assert summary["default pipeline (ensemble of stages 2-4)"] == pytest.approx(11.0)
+    assert summary["float32 instead of bf16"] == pytest.approx(26.0)
+    assert np.isnan(summary["stage 4 alone (all folds, warm-started)"])
 
 
 def _key(base, name: str, seed: int = 0, threads: int = 1) -> str:
@@ -136,6 +147,7 @@ def test_report_writes_tables_and_the_pipeline_figures(tiny_chain, tmp_path: Pat
     assert "## Table 2 (default pipeline" in text and "## Table 2 (no warm start" in text
     assert "profile `tiny`" in text and "SpecMix on, mixup on" in text
     assert f"Cost: 1 pipeline runs, {row['minutes']:.0f} min" in text and row["minutes"] > 0
+    assert f"| {row['minutes']:.1f} " in text  # the default's row: its pipeline's wall time
     assert f"{row['model3_selection_precision']:.3f}" in text
     assert f"{row['model3_selected_clips']:.1f}" in text
     assert f"base rate is {row['model3_noisy_base_rate']:.3f}" in text
