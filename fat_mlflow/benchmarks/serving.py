@@ -2,7 +2,8 @@
 for the whole ensemble scored eagerly in float32 (the baseline), eagerly in bf16 (the previous
 default), the served way (BatchNorm folded, channels_last, 1-thread log-mels) in float32 and
 bf16, and as the pyfunc model `mlflow models serve` runs, on the same base64 audio a client
-sends.
+sends. Beside them, the compute bound: the fold models' FLOPs for the latency clip at the
+matmul peak measured in the same run, plus decoding and the log-mel.
 
 Without a model URI the ensemble is built here in the shape of the quick pipeline's (stages 2-4
 per network, quick width), with untrained weights: speed does not depend on the weight values.
