@@ -369,9 +369,13 @@ def _request_frame(model_input: Any) -> pd.DataFrame:
             f"{type(model_input).__name__}", error_code=INVALID_PARAMETER_VALUE)
     known = [column for column in INPUT_COLUMNS if column in model_input.columns]
     if not known:
+        given = [str(c) for c in model_input.columns]
+        # a loaded pyfunc model drops the columns its signature does not declare before
+        # predict runs, so a request of unknown columns arrives here with none at all
+        got = f"got {given}" if given else "got none of them (other columns are ignored)"
         raise MlflowException(
-            f"no audio column in the request: expected {' and/or '.join(INPUT_COLUMNS)}, got "
-            f"{[str(c) for c in model_input.columns]}", error_code=INVALID_PARAMETER_VALUE)
+            f"no audio column in the request: expected {' and/or '.join(INPUT_COLUMNS)}, {got}",
+            error_code=INVALID_PARAMETER_VALUE)
     return pd.DataFrame({column: model_input[column] if column in model_input.columns else None
                          for column in INPUT_COLUMNS}, index=model_input.index)
 
