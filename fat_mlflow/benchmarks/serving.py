@@ -253,11 +253,11 @@ def add_peak_shares(figures: dict[str, dict[str, float]], clip_flops: float,
     of the matmul peak, and the `bound` row: the p50 a clip would take at that peak. Scoring
     is compute-bound, so no code reaches below the bound on this machine."""
     decode_ms = figures["decode"]["p50_ms"]
+    models_at_peak_ms = clip_flops / peak_flop_per_s * 1e3
     for key, row in figures.items():
         if key != "decode" and row["p50_ms"] > decode_ms:
-            row["models_share_of_peak"] = clip_flops / peak_flop_per_s * 1e3 / (
-                row["p50_ms"] - decode_ms)
-    figures["bound"] = {"p50_ms": decode_ms + clip_flops / peak_flop_per_s * 1e3}
+            row["models_share_of_peak"] = models_at_peak_ms / (row["p50_ms"] - decode_ms)
+    figures["bound"] = {"p50_ms": decode_ms + models_at_peak_ms}
 
 
 def run(clips: Sequence[Path], size: BenchmarkProfile, model_uri: str | None = None,
