@@ -67,6 +67,10 @@ def data_option(required: bool = True):
                              "train_noisy.csv, sample_submission.csv, audio folders).")
 
 
+bad_audio_option = click.option(
+    "--bad-audio", type=click.Choice(["stop", "skip"]), default="stop", show_default=True,
+    help="Undecodable clips: stop and list them all, or skip and log them (bad_audio.csv).")
+
 cache_option = click.option(
     "--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
     help="Feature cache root (default $FAT_MLFLOW_CACHE or ./.fat_cache).")
@@ -166,9 +170,7 @@ def _stage_command(stage: str, summary: str):
                        + ("(the previous stage)." if needs_init else "(optional)."))
     @click.option("--resume-run-id", default=None,
                   help="Continue an interrupted run of this stage at its first unfinished fold.")
-    @click.option("--bad-audio", type=click.Choice(["stop", "skip"]), default="stop",
-                  show_default=True,
-                  help="Undecodable clips: stop and list them all, or skip and log them.")
+    @bad_audio_option
     @click.option("--selection-run-ids", default="", show_default=False,
                   help="stage3: 'STAGE1_RUN,STAGE2_RUN'; stage4: 'STAGE3_RUN'.",
                   hidden=stage in ("stage1", "stage2"))
@@ -255,8 +257,9 @@ def gather(run_id: str, data: str, cache_dir: Path | None) -> None:
 @click.option("--fold-jobs", type=click.IntRange(min=1), default=1, show_default=True,
               help="Train each stage's folds in this many parallel processes (one GPU each "
                    "when several are visible, else a share of the CPU threads).")
+@bad_audio_option
 def pipeline(data, profile, overrides, seed, cache_dir, archs, esc50, registered_model,
-             threshold, max_per_label_per_fold, warm_start, fold_jobs):
+             threshold, max_per_label_per_fold, warm_start, fold_jobs, bad_audio):
     """The whole warm-up pipeline: features, stages 1-4, ensemble (the `main` entry point).
 
     Without --data it builds (or reuses) the demo dataset in ./demo_data. Stages that
@@ -272,7 +275,8 @@ def pipeline(data, profile, overrides, seed, cache_dir, archs, esc50, registered
                               esc50=esc50, cache_dir=cache_dir,
                               registered_model=registered_model, threshold=threshold,
                               max_per_label_per_fold=max_per_label_per_fold,
-                              warm_start=warm_start, fold_jobs=fold_jobs)
+                              warm_start=warm_start, fold_jobs=fold_jobs,
+                              bad_audio=bad_audio)
     parent_id, table = run_pipeline(request)
     columns = [c for c in ("model", "lwlrap_noisy", "lwlrap_curated", "lwlrap_test",
                            "selected_clips", "selection_precision", "noisy_base_rate")
@@ -317,13 +321,17 @@ def _load_tagger(model_uri: str):
 @click.option("--data", type=click.Path(file_okay=False), default="",
               help="The runs' dataset; with test_truth.csv the ensemble is scored on the test "
                    "set. Empty: no scoring, and the alias moves only if no version holds it.")
-def ensemble(run_ids: str, registered_model: str, alias: str, data: str) -> None:
+@cache_option
+@bad_audio_option
+def ensemble(run_ids: str, registered_model: str, alias: str, data: str,
+             cache_dir: Path | None, bad_audio: str) -> None:
     """Build the ensemble of stage runs as one pyfunc model and register it."""
     from fat_mlflow.ensemble import build_ensemble
 
     ids = [run_id.strip() for run_id in run_ids.split(",") if run_id.strip()]
     run_id, version = build_ensemble(ids, registered_model=registered_model, alias=alias,
-                                     data=Path(data) if data else None)
+                                     data=Path(data) if data else None, cache_dir=cache_dir,
+                                     bad_audio=bad_audio)
     click.echo(f"ensemble run: {run_id}")
     click.echo(f"registered: models:/{registered_model}/{version}")
 

@@ -12,6 +12,7 @@ folds, in a child run of the stage run, so that several jobs can share a stage a
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from fat_mlflow.crossval import ClipSet, CrossValResult, assemble, run_cross_val
 from fat_mlflow.data import DataLayoutError, FatDataset, dataset_fingerprint, load_dataset
 from fat_mlflow.features import BadAudioError, FeatureCache
 from fat_mlflow.folds import assign_folds, folds_for
+from fat_mlflow.memory import peak_memory
 from fat_mlflow.models import build_model, load_checkpoint
 from fat_mlflow.plots import plot_fold_curves
 from fat_mlflow.selection import (
@@ -52,6 +54,7 @@ from fat_mlflow.tracking import (
     fold_histories,
     fold_model_path,
     get_run,
+    log_bad_audio,
     log_dataset_inputs,
     log_table,
     read_table,
@@ -183,7 +186,7 @@ def load_stage_data(request: StageRequest, dataset: FatDataset,
     training = {name: frames[name] for name in ("curated", "noisy") if name in frames}
     if folds is None:
         folds = new_folds(dataset, training, request.profile.train)
-    sets = {name: ClipSet(name, list(frame["fname"]), cache.load_many(frame["path"]),
+    sets = {name: ClipSet(name, list(frame["fname"]), cache.open(frame["path"]),
                           dataset.targets(frame), folds_for(folds, name, frame["fname"]))
             for name, frame in training.items()}
     test_frame = frames["test"]
@@ -191,7 +194,7 @@ def load_stage_data(request: StageRequest, dataset: FatDataset,
     if len(test_frame):
         targets = (dataset.targets(test_frame) if dataset.has_test_truth
                    else np.zeros((len(test_frame), len(dataset.vocabulary)), np.float32))
-        test = ClipSet("test", list(test_frame["fname"]), cache.load_many(test_frame["path"]),
+        test = ClipSet("test", list(test_frame["fname"]), cache.open(test_frame["path"]),
                        targets, np.full(len(test_frame), -1))
     data = StageData(dataset, dataset_fingerprint(dataset), sets, test, stats.failures)
     return data, folds
@@ -316,8 +319,16 @@ def run_stage(request: StageRequest) -> str:
 
     With `request.folds` it is a fold job instead: it joins the stage run
     `request.resume_run_id` (or prepares a new one), trains only those folds in a child run
-    of it and leaves the completion to `gather_stage`.
+    of it and leaves the completion to `gather_stage`. The step's peak memory is logged to
+    the stage run (`peak_rss_mb`).
     """
+    with peak_memory() as peak:
+        run_id = _run_stage(request)
+    mlflow.log_metrics(peak.metrics, run_id=run_id)
+    return run_id
+
+
+def _run_stage(request: StageRequest) -> str:
     data, folds = _load(request)
     selection = select_noisy(request, data)
     if selection is not None:
@@ -346,7 +357,8 @@ def _train_folds(request: StageRequest, data: StageData, selection: pd.DataFrame
 
     def make_model(fold: int):
         if request.init_run_id:
-            return load_checkpoint(fold_model_path(request.init_run_id, fold))
+            with tempfile.TemporaryDirectory(prefix="fat-mlflow-") as folder:
+                return load_checkpoint(fold_model_path(request.init_run_id, fold, Path(folder)))
         return build_model(cfg.arch, len(vocabulary), cfg.width)
 
     store = MlflowFoldStore(run_id, cfg.arch, cfg.width, len(vocabulary))
@@ -393,7 +405,13 @@ def gather_stage(run_id: str, data: Path | None = None, cache_dir: Path | None =
     another machine.
     """
     configure_tracking()
-    request = _request_from_run(get_run(run_id), data, cache_dir, progress)
+    with peak_memory("gather_") as peak:
+        _gather(_request_from_run(get_run(run_id), data, cache_dir, progress), run_id)
+    mlflow.log_metrics(peak.metrics, run_id=run_id)
+    return run_id
+
+
+def _gather(request: StageRequest, run_id: str) -> None:
     stage_data, _ = _load(request)
     cfg = request.profile.train
     vocabulary = stage_data.dataset.vocabulary
@@ -409,7 +427,6 @@ def gather_stage(run_id: str, data: Path | None = None, cache_dir: Path | None =
     with _start_run(request):
         _complete(assemble(stage_data.sets, results, vocabulary, stage_data.test), stage_data,
                   cfg.n_folds)
-    return run_id
 
 
 def _request_from_run(run: Run, data: Path | None, cache_dir: Path | None,
@@ -444,9 +461,7 @@ def _log_inputs(request: StageRequest, data: StageData, folds: pd.DataFrame,
     log_table(folds, FOLDS_ARTIFACT)
     mlflow.log_dict(request.profile.flat(), PROFILE_ARTIFACT)
     mlflow.log_dict(data.dataset.vocabulary, VOCABULARY_ARTIFACT)
-    if data.bad_audio:
-        log_table(pd.DataFrame(sorted(data.bad_audio.items()), columns=["path", "reason"]),
-                  "bad_audio.csv")
+    log_bad_audio(data.bad_audio)
     if selection is not None:
         _log_selection(selection, data)
 

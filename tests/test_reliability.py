@@ -31,10 +31,11 @@ from fat_mlflow.audio import load_audio
 from fat_mlflow.cli import main
 from fat_mlflow.config import FeatureConfig, get_profile
 from fat_mlflow.data import dataset_fingerprint, load_dataset
-from fat_mlflow.features import BadAudioError, FeatureCache
+from fat_mlflow.features import BadAudioError, FeatureCache, store_folder
 from fat_mlflow.featurize import run_features
 from fat_mlflow.pipeline import run_or_reuse
 from fat_mlflow.stages import StageRequest, run_stage
+from fat_mlflow.store import INDEX_FILE, FeatureStore
 from fat_mlflow.tracking import MlflowFoldStore, configure_tracking
 
 SR = 44_100
@@ -123,8 +124,10 @@ def fold_files(folder: Path) -> set[str]:
 
 
 def cache_entries(folder: Path) -> list[np.ndarray]:
-    """Every .npy of a cache folder, loaded whole: a half-written file would raise here."""
-    return [np.load(path) for path in sorted(folder.glob("*.npy"))]
+    """Every indexed entry of a feature store, read whole: one cut short would raise here."""
+    store = FeatureStore(folder)
+    specs = store.open(store.digests())
+    return [specs.clip(index) for index in range(len(specs))]
 
 
 def assert_valid_entry(spec: np.ndarray) -> None:
@@ -286,7 +289,7 @@ def test_two_runs_at_once_share_one_store_and_one_cache(concurrent):
     first, second = (run_tables(concurrent.folders[seed])["oof/noisy.csv"] for seed in SEEDS)
     assert list(first["fname"]) == list(second["fname"])
     assert not np.allclose(first.iloc[:, 3:], second.iloc[:, 3:])  # each run kept its own
-    folder = concurrent.cache_dir / FeatureConfig().cache_key()
+    folder = store_folder(concurrent.cache_dir, FeatureConfig())
     entries = cache_entries(folder)
     assert len(entries) == N_CLIPS and not list(folder.glob("*.tmp"))
     for spec in entries:
@@ -355,10 +358,11 @@ def test_killed_feature_run_leaves_only_whole_entries_and_is_reused(small_data, 
                                                                      tmp_path):
     cache_dir = tmp_path / "cold-cache"
     cfg = get_profile("tiny").features
-    folder = cache_dir / cfg.cache_key()
+    folder = store_folder(cache_dir, cfg)
     child = Child.start(["features", "--data", str(small_data), "--profile", "tiny",
                          "--jobs", "2", "--cache-dir", str(cache_dir)], tmp_path, tracking)
-    wait_for(lambda: len(list(folder.glob("*.npy"))) >= N_CLIPS // 2, child)
+    wait_for(lambda: (folder / INDEX_FILE).exists()
+             and len(FeatureStore(folder).digests()) >= N_CLIPS // 2, child)
     assert child.kill(signal.SIGKILL) == -signal.SIGKILL
     time.sleep(0.2)  # the killed pool workers are gone too: nothing writes any more
     entries = cache_entries(folder)
