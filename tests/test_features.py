@@ -5,6 +5,7 @@ import dataclasses
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import librosa
@@ -12,8 +13,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import soundfile as sf
+from click.testing import CliRunner
 
 from fat_mlflow.audio import AudioError, load_audio
+from fat_mlflow.cli import main
 from fat_mlflow.config import FeatureConfig
 from fat_mlflow.features import (
     FeatureCache,
@@ -224,3 +227,27 @@ def test_default_root_follows_the_environment(tmp_path, monkeypatch):
     assert default_cache_root() == tmp_path
     monkeypatch.delenv("FAT_MLFLOW_CACHE")
     assert default_cache_root() == Path(".fat_cache")
+
+
+def test_cache_command_lists_stores_and_prunes_old_and_unused_ones(tmp_path, esc50_clips):
+    used = FeatureCache(tmp_path, CFG)
+    used.compute(esc50_clips[:2], n_jobs=1, progress=False)
+    idle = FeatureCache(tmp_path, dataclasses.replace(CFG, n_mels=64))
+    idle.compute(esc50_clips[:1], n_jobs=1, progress=False)
+    month_ago = time.time() - 31 * 86_400
+    os.utime(idle.folder / "last_used", (month_ago, month_ago))
+    old = tmp_path / CFG.cache_key()  # the one-file-per-clip format of earlier versions
+    old.mkdir()
+    (old / "params.json").write_text(json.dumps(dataclasses.asdict(CFG)))
+    np.save(old / "clip-0123.npy", np.zeros((128, 128), np.float32))
+
+    listing = CliRunner().invoke(main, ["cache", "--cache-dir", str(tmp_path)])
+    assert listing.exit_code == 0, listing.output
+    lines = {line.split()[0]: line for line in listing.output.splitlines()}
+    assert set(lines) == {used.folder.name, idle.folder.name, old.name}
+    assert " 2 clips" in lines[used.folder.name] and "old format" in lines[old.name]
+
+    pruned = CliRunner().invoke(main, ["cache", "--cache-dir", str(tmp_path), "--prune"])
+    assert pruned.exit_code == 0 and "removed 2 folder(s)" in pruned.output
+    assert used.folder.is_dir() and not idle.folder.exists() and not old.exists()
+    assert used.load(esc50_clips[0]).shape[0] == 128
