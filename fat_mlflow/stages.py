@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -330,7 +331,9 @@ def run_stage(request: StageRequest) -> str:
 
 def _run_stage(request: StageRequest) -> str:
     data, folds = _load(request)
+    started = time.perf_counter()
     selection = select_noisy(request, data)
+    selection_seconds = time.perf_counter() - started
     if selection is not None:
         click.echo(selection_summary(request, selection))
     if request.folds is not None and request.resume_run_id:  # a job joining its stage run
@@ -340,7 +343,7 @@ def _run_stage(request: StageRequest) -> str:
     with _start_run(request) as run:
         run_id = run.info.run_id
         if not request.resume_run_id:
-            _log_inputs(request, data, folds, selection)
+            _log_inputs(request, data, folds, selection, selection_seconds)
         if request.folds is None:
             _complete(_train_folds(request, data, selection, run_id), data,
                       request.profile.train.n_folds)
@@ -450,7 +453,7 @@ def _request_from_run(run: Run, data: Path | None, cache_dir: Path | None,
 
 
 def _log_inputs(request: StageRequest, data: StageData, folds: pd.DataFrame,
-                selection: pd.DataFrame | None) -> None:
+                selection: pd.DataFrame | None, selection_seconds: float) -> None:
     mlflow.set_tags({TAG_STAGE: request.stage, TAG_DATASET: data.fingerprint,
                      TAG_ARCH: request.profile.train.arch, TAG_COMPLETE: "false",
                      **({TAG_PIPELINE: request.pipeline_run_id} if request.pipeline_run_id else {}),
@@ -463,7 +466,7 @@ def _log_inputs(request: StageRequest, data: StageData, folds: pd.DataFrame,
     mlflow.log_dict(data.dataset.vocabulary, VOCABULARY_ARTIFACT)
     log_bad_audio(data.bad_audio)
     if selection is not None:
-        _log_selection(selection, data)
+        _log_selection(selection, data, selection_seconds)
 
 
 def _input_params(request: StageRequest) -> dict:
@@ -477,11 +480,11 @@ def _input_params(request: StageRequest) -> dict:
             "stage.bad_audio": request.bad_audio}
 
 
-def _log_selection(selection: pd.DataFrame, data: StageData) -> None:
+def _log_selection(selection: pd.DataFrame, data: StageData, seconds: float) -> None:
     table = selection.assign(labels=selection["labels"].map(",".join))
     log_table(table, "selection/selected.csv")
     log_table(label_counts(selection, data.dataset.vocabulary), "selection/label_counts.csv")
-    metrics = {"selected_clips": float(len(selection))}
+    metrics = {"selected_clips": float(len(selection)), "selection_seconds": seconds}
     truth_path = Path(data.dataset.root) / "noise_truth.csv"
     if truth_path.exists():
         metrics.update(selection_precision(selection, pd.read_csv(truth_path)))

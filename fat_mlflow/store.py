@@ -233,16 +233,16 @@ class PackedSpectrograms:
 
     def __init__(self, files: _ShardFiles, entries: np.ndarray) -> None:
         self.files = files
-        self.entries = entries
+        self.entries = entries.tolist()  # (shard, offset, frames, n_mels) tuples: fast lookups
 
     def __len__(self) -> int:
         return len(self.entries)
 
     def frames(self, index: int) -> int:
-        return int(self.entries[index]["frames"])
+        return self.entries[index][2]
 
     def crop(self, index: int, start: int, width: int) -> np.ndarray:
-        shard, offset, frames, n_mels = self.entries[index].tolist()
+        shard, offset, frames, n_mels = self.entries[index]
         if start < 0 or width < 0 or start + width > frames:
             raise ValueError(f"frames {start}..{start + width} asked of a clip of {frames}")
         size = width * n_mels * FLOAT_BYTES

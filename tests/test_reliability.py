@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import zipfile
 from collections.abc import Callable
@@ -33,7 +34,8 @@ from fat_mlflow.config import FeatureConfig, get_profile
 from fat_mlflow.data import dataset_fingerprint, load_dataset
 from fat_mlflow.features import BadAudioError, FeatureCache, store_folder
 from fat_mlflow.featurize import run_features
-from fat_mlflow.pipeline import run_or_reuse
+from fat_mlflow.ensemble import build_ensemble
+from fat_mlflow.pipeline import PipelineRequest, run_or_reuse, run_pipeline
 from fat_mlflow.stages import StageRequest, run_stage
 from fat_mlflow.store import INDEX_FILE, FeatureStore
 from fat_mlflow.tracking import MlflowFoldStore, configure_tracking
@@ -197,6 +199,36 @@ def test_skip_leaves_bad_clips_out_and_logs_them(bad_data, tracking):
         assert len(table) and not bad_names & set(table["fname"]), name
     assert len(pd.read_csv(folder / "oof/noisy.csv")) == SIZES["train_noisy"] - 3
 
+    # the ensemble and its floor leave the bad test clip out too, list it, and leave no
+    # temporary download behind (checkpoints, tables)
+    scratch = Path(tempfile.mkdtemp(prefix="scratch-"))
+    previous, tempfile.tempdir = tempfile.tempdir, str(scratch)
+    try:
+        ensemble_id, _ = build_ensemble([run_id], registered_model="bad-audio", data=root,
+                                        bad_audio="skip", progress=False)
+    finally:
+        tempfile.tempdir = previous
+    assert not [p for p in scratch.iterdir() if p.name.startswith(("fat-", "tmp"))]
+    ensemble = client.get_run(ensemble_id)
+    folder = artifact_dir(client, ensemble_id)
+    bad_test = sorted(path for path in bad if "/test/" in path)
+    for listing in ("bad_audio.csv", "floor_bad_audio.csv"):
+        assert set(bad_test) <= set(pd.read_csv(folder / listing)["path"]), listing
+    assert len(pd.read_csv(folder / "test_scores.csv")) == SIZES["test"] - 1
+    assert {"lwlrap_test", "floor_lwlrap_curated", "peak_rss_mb",
+            "floor_peak_rss_mb"} <= set(ensemble.data.metrics)
+
+
+def test_the_pipeline_stops_on_bad_audio_before_any_stage(bad_data, tracking, tmp_path):
+    root, bad = bad_data
+    with pytest.raises(BadAudioError, match="--bad-audio skip") as info:
+        run_pipeline(PipelineRequest(data=root, profile=get_profile("tiny", EPOCHS),
+                                     archs=["cnn"], progress=False))
+    assert sorted(info.value.failures) == sorted(bad)
+    stages = mlflow.search_runs(search_all_experiments=True,
+                                filter_string="tags.`fat.stage` LIKE 'stage%'")
+    assert stages.empty
+
 
 def test_cli_names_every_bad_file_on_its_own_line_without_traceback(bad_data, tracking):
     root, bad = bad_data
@@ -243,7 +275,7 @@ def clip_variants(esc50_dir: Path, tmp_path_factory: pytest.TempPathFactory):
                                   "pcm24", "mp3", "rate_8000", "rate_16000", "rate_48000"])
 def test_every_clip_shape_becomes_a_valid_cache_entry(clip_variants, name):
     cache, paths, clip_samples = clip_variants
-    spec = cache.load(paths[name], mmap=False)
+    spec = cache.load(paths[name])
     assert_valid_entry(spec)
     if name == "ten_minutes":  # kept whole (trim only cuts the edges of the whole clip)
         assert spec.shape[1] > 0.98 * 120 * clip_samples / FeatureConfig().hop_length
