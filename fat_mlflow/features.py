@@ -168,7 +168,16 @@ class FeatureCache:
         todo = [path for path, key in resolved.items() if known.get(key) not in stored]
         stats.n_reused = len(resolved) - len(todo)
         touch(self.folder)
-        workers = min(n_jobs if n_jobs > 0 else (os.cpu_count() or 1), max(1, len(todo)))
+        if todo:
+            self._compute(todo, resolved, n_jobs, progress, stats)
+        stats.n_failed = len(stats.failures)
+        stats.seconds = time.perf_counter() - start
+        return stats
+
+    def _compute(self, todo: list[str], resolved: dict[str, str], n_jobs: int, progress: bool,
+                 stats: CacheStats) -> None:
+        """Hash and (unless stored) compute `todo` in worker processes; append as they come."""
+        workers = min(n_jobs if n_jobs > 0 else (os.cpu_count() or 1), len(todo))
         bar = tqdm(total=len(todo), desc="log-mel", unit="clip", disable=not progress)
         with bar, self.store.writer(COMMIT_EVERY_ROWS) as writer:
             for path, result in self._run(todo, workers):
@@ -177,9 +186,6 @@ class FeatureCache:
                 else:
                     _keep(writer, resolved[path], result, stats)
                 bar.update()
-        stats.n_failed = len(stats.failures)
-        stats.seconds = time.perf_counter() - start
-        return stats
 
     def _run(self, todo: list[str], workers: int) -> Iterator[tuple[str, Computed | str]]:
         """(path, worker result) as clips finish; in-process when one worker suffices.

@@ -23,7 +23,7 @@ from fat_mlflow.demo import read_meta
 from fat_mlflow.pipeline import JOB_ENTRY
 from fat_mlflow.rehearsal import CLASSES_FILE, PLAN_FILE, _source_pools, build_rehearsal_dataset
 
-SCALE = 0.04  # ~800 clips, ~650 of them read by stage 1: well over the limit below
+SCALE = 0.03  # ~880 clips, all read by stage 1: well over the limit below
 SECONDS_SCALE = 0.1  # noisy clips of 1.5 s
 RECIPE = RehearsalConfig(sources_per_class=2)  # decodes ~200 ESC-50 clips, not 909
 OPEN_FILES = 256
@@ -93,7 +93,8 @@ def test_stage1_of_a_scaled_rehearsal_runs_under_256_open_files(rehearsal: Path,
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     done = subprocess.run(
         [sys.executable, "-c", JOB_ENTRY, "stage1", "--data", str(rehearsal), "--profile",
-         "tiny", "--set", "train.epochs=1", "--cache-dir", str(tmp_path / "cache")],
+         "tiny", "--set", "train.epochs=1 train.batch_size=32", "--cache-dir",
+         str(tmp_path / "cache")],
         preexec_fn=_limit_open_files, capture_output=True, text=True, timeout=600,
         env={**os.environ, "MLFLOW_TRACKING_URI": uri}, cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
