@@ -62,14 +62,15 @@ def step_figures(pipeline_id: str) -> list[StepFigures]:
     parent = client.get_run(pipeline_id)
     data = Path(parent.data.params["pipeline.data"])
     clips = sum(len(frame) for frame in _frames(data).values())
-    runs = client.search_runs([parent.info.experiment_id],
-                              f"tags.`mlflow.parentRunId` = '{pipeline_id}' or "
-                              f"tags.`{TAG_PIPELINE}` = '{pipeline_id}'")
+    runs = {run.info.run_id: run  # nested runs (features, ensemble) and stage runs
+            for tag in ("mlflow.parentRunId", TAG_PIPELINE)
+            for run in client.search_runs([parent.info.experiment_id],
+                                          f"tags.`{tag}` = '{pipeline_id}'")}
     figures = []
-    for run in runs:
+    for run in runs.values():
         step = run.data.tags.get(TAG_STAGE)
-        if step not in STEPS or run.info.run_id == pipeline_id:
-            continue
+        if step not in STEPS or run.info.run_id == pipeline_id or not run.info.end_time:
+            continue  # another kind of run, or a step still running
         metrics = run.data.metrics
         seconds = (run.info.end_time - run.info.start_time) / 1000
         if step == "ensemble":
@@ -207,7 +208,7 @@ def _predictions(data: Path, cache: FeatureCache, figures: list[StepFigures],
     and without bf16 units (float32 rows), from the rates measured here."""
     largest = max(figures, key=lambda f: f.clips)
     features = next(f for f in figures if f.step == "features" and f.clips == largest.clips)
-    floor = next(f for f in figures if f.step == "floor" and f.clips == largest.clips)
+    floors = [f.seconds for f in figures if f.step == "floor" and f.clips == largest.clips]
     recipe = RehearsalConfig()
     full_clips = recipe.n_curated + recipe.n_noisy + recipe.n_test
     audio_rate = features.extra["audio_seconds"] / features.seconds
@@ -219,7 +220,7 @@ def _predictions(data: Path, cache: FeatureCache, figures: list[StepFigures],
         for precision in ("bfloat16", "float32"):
             growth = full_clips / largest.clips
             seconds = {"features": features.extra["audio_seconds"] * growth / audio_rate,
-                       "floor": floor.seconds * growth}
+                       "floor": floors[0] * growth if floors else math.nan}
             for arch in archs:
                 sps = training.get(f"{name}/{arch}/{width:g}/{precision}", math.nan)
                 wps = scoring[f"{arch}/{width:g}"] * (1 if precision == "bfloat16" else
@@ -227,7 +228,7 @@ def _predictions(data: Path, cache: FeatureCache, figures: list[StepFigures],
                 seconds.update(predict_profile(profile, arch, sps, wps, counts))
             rows.append({"profile": name, "precision": precision,
                          **{step: value / 3600 for step, value in seconds.items()},
-                         "total_hours": sum(seconds.values()) / 3600})
+                         "total_hours": np.nansum(list(seconds.values())) / 3600})
     return pd.DataFrame(rows)
 
 
