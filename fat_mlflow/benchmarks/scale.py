@@ -40,7 +40,7 @@ from fat_mlflow.training import training_precision
 
 STEPS = ("features", "stage1", "stage2", "stage3", "stage4", "ensemble")
 SCORING_SHAPES = (("cnn", 0.125), ("cnn", 0.25), ("cnn", 1.0), ("vgg16", 1.0))
-SCORING_CLIPS = 64  # test clips whose windows are timed per network
+SCORING_CLIPS = 16  # test clips whose windows are timed per network
 N_CLASSES = 80
 ENSEMBLE_STAGES = 3  # stages 2-4 of each network
 
