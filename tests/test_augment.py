@@ -6,7 +6,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from fat_mlflow.augment import (
+from fat_mlflow.engine.augment import (
     apply_specmix,
     build_batch_augment,
     draw_specmix,

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from fat_mlflow.models.cnn import CNNModel1
-from fat_mlflow.models.vgg import VGG16BN
+from fat_mlflow.engine.models.cnn import CNNModel1
+from fat_mlflow.engine.models.vgg import VGG16BN
 
 ARCHITECTURES = ("cnn", "vgg16")
 _BUILDERS: dict[str, type[nn.Module]] = {"cnn": CNNModel1, "vgg16": VGG16BN}

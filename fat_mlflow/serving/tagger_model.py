@@ -3,6 +3,6 @@ this file instead of unpickling an object, so it needs only the package code (co
 works across library versions."""
 import mlflow
 
-from fat_mlflow.tagger import FatTagger
+from fat_mlflow.serving.tagger import FatTagger
 
 mlflow.models.set_model(FatTagger())

@@ -24,19 +24,19 @@ from mlflow.entities import Run
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from fat_mlflow.config import RUNTIME_SETTINGS, Profile, TrainConfig, get_profile
-from fat_mlflow.crossval import ClipSet, CrossValResult, assemble, run_cross_validation
-from fat_mlflow.data import DataLayoutError, FatDataset, dataset_fingerprint, load_dataset
-from fat_mlflow.features import BadAudioError, FeatureCache
-from fat_mlflow.folds import assign_folds, folds_for
-from fat_mlflow.models import build_model, load_checkpoint
+from fat_mlflow.engine.crossval import ClipSet, CrossValResult, assemble, run_cross_validation
+from fat_mlflow.data.layout import DataLayoutError, FatDataset, dataset_fingerprint, load_dataset
+from fat_mlflow.data.features import BadAudioError, FeatureCache
+from fat_mlflow.engine.folds import assign_folds, folds_for
+from fat_mlflow.engine.models import build_model, load_checkpoint
 from fat_mlflow.plots import plot_fold_curves
-from fat_mlflow.selection import (
+from fat_mlflow.warmup.selection import (
     label_counts,
     select_by_agreement,
     select_perfect,
     selection_precision,
 )
-from fat_mlflow.tracking import (
+from fat_mlflow.warmup.tracking import (
     FOLDS_ARTIFACT,
     PROFILE_ARTIFACT,
     TAG_ARCH,
@@ -56,7 +56,7 @@ from fat_mlflow.tracking import (
     log_table,
     read_table,
 )
-from fat_mlflow.training import resolve_device, training_precision
+from fat_mlflow.engine.training import resolve_device, training_precision
 
 STAGES = ("stage1", "stage2", "stage3", "stage4")
 TRAINING_SPLITS = {"stage1": ("noisy",), "stage2": ("curated",), "stage3": ("curated", "noisy"),

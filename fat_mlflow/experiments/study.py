@@ -7,7 +7,7 @@ inputs and reused, so an interrupted study resumes and a rerun only redraws the 
 - data: curated clips per class (`fat-mlflow demo-data --curated-per-class`), the noisy and
   test sets unchanged, at the default budget.
 
-Beside every point the logistic floor (fat_mlflow.baseline) on the same clips, and how many
+Beside every point the logistic floor (fat_mlflow.serving.baseline) on the same clips, and how many
 noisy clips stages 3 and 4 select and how many of them carry exactly the right labels.
 """
 from __future__ import annotations
@@ -22,12 +22,12 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from fat_mlflow.ablations import pipeline_row, report_cells, reused_or_trained
+from fat_mlflow.experiments.ablations import pipeline_row, report_cells, reused_or_trained
 from fat_mlflow.config import DemoConfig, Profile, StudyGrid
-from fat_mlflow.data import dataset_fingerprint, load_dataset
-from fat_mlflow.pipeline import DEMO_DIR, PipelineRequest, ensure_demo_data
+from fat_mlflow.data.layout import dataset_fingerprint, load_dataset
+from fat_mlflow.warmup.pipeline import DEMO_DIR, PipelineRequest, ensure_demo_data
 from fat_mlflow.plots import plot_study_axis
-from fat_mlflow.tracking import TAG_STAGE, configure_tracking
+from fat_mlflow.warmup.tracking import TAG_STAGE, configure_tracking
 
 TAG_STUDY = "fat.study"
 TAG_STUDY_KEY = "fat.study_key"

@@ -24,9 +24,9 @@ import torch
 from scipy import stats
 
 from fat_mlflow.config import ABLATIONS, DEFAULT_ABLATIONS, Ablation, Profile
-from fat_mlflow.data import DataLayoutError, FatDataset, dataset_fingerprint, load_dataset
-from fat_mlflow.metrics import lwlrap
-from fat_mlflow.pipeline import (
+from fat_mlflow.data.layout import DataLayoutError, FatDataset, dataset_fingerprint, load_dataset
+from fat_mlflow.engine.metrics import lwlrap
+from fat_mlflow.warmup.pipeline import (
     DEMO_DIR,
     FLOOR_TRAINING_SETS,
     PipelineRequest,
@@ -35,7 +35,7 @@ from fat_mlflow.pipeline import (
     run_pipeline,
 )
 from fat_mlflow.plots import plot_ablations
-from fat_mlflow.tracking import (
+from fat_mlflow.warmup.tracking import (
     TAG_DATASET,
     TAG_PIPELINE,
     TAG_STAGE,
@@ -152,7 +152,7 @@ def pipeline_row(pipeline_id: str, dataset: FatDataset) -> dict:
     row: dict = {"pipeline_run_id": pipeline_id}
     for record in table.to_dict("records"):
         name = "ensemble" if record["stage"] == "ensemble" else f"model{record['stage'][-1]}"
-        if name == "ensemble":  # the floor that fat_mlflow.ensemble scored on the same clips
+        if name == "ensemble":  # the floor that the ensemble step scored on the same clips
             row |= {floor_column(training_set): value
                     for training_set, value in floors_by_training_set(record).items()}
         for column in ("lwlrap_noisy", "lwlrap_curated", "lwlrap_test", "selection_precision",

@@ -31,7 +31,7 @@ import requests
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from fat_mlflow.features import CACHE_ENV
+from fat_mlflow.data.features import CACHE_ENV
 from fat_mlflow.locking import exclusive
 
 ESC50_ENV = "FAT_MLFLOW_ESC50"

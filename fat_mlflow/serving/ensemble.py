@@ -28,22 +28,22 @@ import soundfile as sf
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 
-from fat_mlflow.audio import load_audio
-from fat_mlflow.baseline import floor_test_lwlrap
+from fat_mlflow.data.audio import load_audio
+from fat_mlflow.serving.baseline import floor_test_lwlrap
 from fat_mlflow.config import FeatureConfig
-from fat_mlflow.data import FatDataset, dataset_fingerprint, load_dataset
-from fat_mlflow.metrics import lwlrap, per_class_lwlrap
+from fat_mlflow.data.layout import FatDataset, dataset_fingerprint, load_dataset
+from fat_mlflow.engine.metrics import lwlrap, per_class_lwlrap
 from fat_mlflow.plots import plot_per_class
-from fat_mlflow.stages import STAGES
-from fat_mlflow.submission import score_all
-from fat_mlflow.tagger import (
+from fat_mlflow.warmup.stages import STAGES
+from fat_mlflow.serving.submission import score_all
+from fat_mlflow.serving.tagger import (
     BASE64_COLUMN,
     EnsembleSpec,
     MemberRun,
     load_local_model,
     pyfunc_arguments,
 )
-from fat_mlflow.tracking import (
+from fat_mlflow.warmup.tracking import (
     PROFILE_ARTIFACT,
     TAG_ARCH,
     TAG_COMPLETE,
@@ -63,7 +63,7 @@ EXAMPLE_SECONDS = 2.0
 TAG_LWLRAP = "lwlrap_test"
 TAG_SOURCES = "source_run_ids"
 TAG_FLOOR = "floor_lwlrap_test"  # the logistic floor on the same test clips
-TAG_BEATS_FLOOR = "fat.beats_floor"  # "false": not yet worth serving (fat_mlflow.baseline)
+TAG_BEATS_FLOOR = "fat.beats_floor"  # "false": not yet worth serving (fat_mlflow.serving.baseline)
 
 
 @dataclass(frozen=True)
@@ -192,7 +192,7 @@ def build_ensemble(run_ids: list[str], registered_model: str = "fat2019-tagger",
 
     `data` (FAT2019 layout) must be the dataset the runs were trained on; when it has
     test_truth.csv the ensemble's lwlrap_test decides the alias, and the logistic floor
-    (fat_mlflow.baseline) is scored beside it on the same clips, from the feature cache in
+    (fat_mlflow.serving.baseline) is scored beside it on the same clips, from the feature cache in
     `cache_dir`. Returns (ensemble run ID, registered version number).
     """
     configure_tracking()

@@ -20,8 +20,8 @@ from fat_mlflow.config import (
     get_profile,
     parse_overrides,
 )
-from fat_mlflow.demo import CLIP_CHOICES
-from fat_mlflow.esc50 import SOURCES_HELP
+from fat_mlflow.data.demo import CLIP_CHOICES
+from fat_mlflow.data.esc50 import SOURCES_HELP
 
 def _int_list(text: str, hint: str) -> list[int]:
     try:
@@ -76,7 +76,7 @@ class _Group(click.Group):
     """Turns the pipeline's input errors into one clear line instead of a traceback."""
 
     def invoke(self, ctx: click.Context):
-        from fat_mlflow.errors import USER_ERRORS
+        from fat_mlflow.cli.errors import USER_ERRORS
 
         try:
             return super().invoke(ctx)
@@ -127,8 +127,8 @@ def demo_data(out_dir: Path, esc50: Path | None, seed: int, scale: float, clips:
     wrong, missing and extra labels (noise_truth.csv says which); test = held-out
     clips and mixtures with test_truth.csv. No source recording spans two splits.
     """
-    from fat_mlflow.demo import build_demo_dataset
-    from fat_mlflow.esc50 import locate_esc50
+    from fat_mlflow.data.demo import build_demo_dataset
+    from fat_mlflow.data.esc50 import locate_esc50
 
     recipe = DemoConfig(min_clips_per_class=min_clips_per_class,
                         curated_per_class=curated_per_class)
@@ -147,7 +147,7 @@ def demo_data(out_dir: Path, esc50: Path | None, seed: int, scale: float, clips:
 def features(data: Path, profile: str, overrides: tuple[str, ...], seed: int | None,
              cache_dir: Path | None, jobs: int) -> None:
     """Compute (or reuse) the log-mel cache of every clip and log cache stats to MLflow."""
-    from fat_mlflow.featurize import run_features
+    from fat_mlflow.warmup.featurize import run_features
 
     stats = run_features(data, _profile(profile, overrides, seed).features, cache_dir, jobs)
     click.echo(f"{stats.n_clips} clips: {stats.n_computed} computed, {stats.n_reused} reused, "
@@ -186,7 +186,7 @@ def _stage_command(stage: str, summary: str):
                        "only prepares the run; 'all' trains and completes the whole stage.")
     def command(data, profile, overrides, seed, cache_dir, init_run_id, resume_run_id,
                 bad_audio, selection_run_ids, threshold, max_per_label_per_fold, fold_spec):
-        from fat_mlflow.stages import StageRequest, parse_folds, run_stage
+        from fat_mlflow.warmup.stages import StageRequest, parse_folds, run_stage
 
         chosen = _profile(profile, overrides, seed)
         try:
@@ -226,7 +226,7 @@ _stage_command("stage4", "Stage 4: curated + noisy clips model 3 ranks perfectly
 def gather(run_id: str, data: str, cache_dir: Path | None) -> None:
     """Complete a stage run trained by fold jobs (`stageN --folds ...`): out-of-fold tables,
     lwlrap metrics, curves, fat.complete=true. Fails with the list of unfinished folds."""
-    from fat_mlflow.stages import gather_stage
+    from fat_mlflow.warmup.stages import gather_stage
 
     gather_stage(run_id, Path(data) if data else None, cache_dir)
     click.echo(f"gathered run: {run_id}")
@@ -262,7 +262,7 @@ def pipeline(data, profile, overrides, seed, cache_dir, archs, esc50, registered
     Without --data it builds (or reuses) the demo dataset in ./demo_data. Stages that
     already finished with the same inputs are reused; an interrupted one is resumed.
     """
-    from fat_mlflow.pipeline import (PipelineRequest, floor_verdict, run_pipeline,
+    from fat_mlflow.warmup.pipeline import (PipelineRequest, floor_verdict, run_pipeline,
                                      with_floor_rows)
 
     chosen = _profile(profile, overrides, seed)
@@ -284,7 +284,7 @@ def pipeline(data, profile, overrides, seed, cache_dir, archs, esc50, registered
     click.echo(floor_verdict(table.iloc[-1]))
 
 
-# --- ensemble and serving commands (fat_mlflow.ensemble / fat_mlflow.tagger) below ---
+# --- ensemble and serving commands (fat_mlflow.serving.ensemble / fat_mlflow.serving.tagger) below ---
 
 DEFAULT_MODEL_URI = "models:/fat2019-tagger@champion"
 model_option = click.option("--model", "model_uri", default=DEFAULT_MODEL_URI, show_default=True,
@@ -296,8 +296,8 @@ def _load_tagger(model_uri: str):
     """The model as a local command loads it: it reads the files its user names."""
     import mlflow
 
-    from fat_mlflow.tagger import load_local_model
-    from fat_mlflow.tracking import configure_tracking
+    from fat_mlflow.serving.tagger import load_local_model
+    from fat_mlflow.warmup.tracking import configure_tracking
 
     configure_tracking()
     try:
@@ -319,7 +319,7 @@ def _load_tagger(model_uri: str):
                    "set. Empty: no scoring, and the alias moves only if no version holds it.")
 def ensemble(run_ids: str, registered_model: str, alias: str, data: str) -> None:
     """Build the ensemble of stage runs as one pyfunc model and register it."""
-    from fat_mlflow.ensemble import build_ensemble
+    from fat_mlflow.serving.ensemble import build_ensemble
 
     ids = [run_id.strip() for run_id in run_ids.split(",") if run_id.strip()]
     run_id, version = build_ensemble(ids, registered_model=registered_model, alias=alias,
@@ -349,7 +349,7 @@ def predict(model_uri: str, source: Path, output: Path, audio_dir: Path | None,
 
     Every clip that can be scored is written. An interrupted run (Ctrl-C, a killed job)
     continues where it stopped when run again with the same OUTPUT and model."""
-    from fat_mlflow.submission import list_clips, write_submission
+    from fat_mlflow.serving.submission import list_clips, write_submission
 
     clips, classes = list_clips(source, audio_dir)
     model = _load_tagger(model_uri)
@@ -375,8 +375,8 @@ def predict(model_uri: str, source: Path, output: Path, audio_dir: Path | None,
               help="Labels shown per file.")
 def tag(files: tuple[Path, ...], model_uri: str, top_k: int) -> None:
     """Print the top labels of a few audio FILES, with their scores."""
-    from fat_mlflow.submission import score_files
-    from fat_mlflow.tagger import ERROR_COLUMN, TOP_LABELS_COLUMN
+    from fat_mlflow.serving.submission import score_files
+    from fat_mlflow.serving.tagger import ERROR_COLUMN, TOP_LABELS_COLUMN
 
     model = _load_tagger(model_uri)
     scored = score_files(model, [str(f) for f in files], progress=False, params={"top_k": top_k})
@@ -422,7 +422,7 @@ def ablations(data, profile, overrides, cache_dir, seeds, only, jobs, out_dir, e
     import shlex
     import sys
 
-    from fat_mlflow.ablations import AblationRequest, run_ablations
+    from fat_mlflow.experiments.ablations import AblationRequest, run_ablations
 
     seed_list = _int_list(seeds, "--seeds")
     names = [n.strip() for n in only.split(",") if n.strip()] or list(DEFAULT_ABLATIONS)
@@ -465,7 +465,7 @@ def study(profile, overrides, cache_dir, seeds, budgets, curated, out_dir, esc50
     import shlex
     import sys
 
-    from fat_mlflow.study import StudyRequest, run_study
+    from fat_mlflow.experiments.study import StudyRequest, run_study
 
     grid = StudyGrid()
     try:

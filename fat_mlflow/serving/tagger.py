@@ -52,12 +52,12 @@ from packaging.requirements import Requirement
 from threadpoolctl import ThreadpoolController
 from torch import nn
 
-from fat_mlflow.audio import AudioError, decode_audio_bytes, load_audio
+from fat_mlflow.data.audio import AudioError, decode_audio_bytes, load_audio
 from fat_mlflow.config import FeatureConfig, ServingConfig, parse_bool
-from fat_mlflow.features import log_mel
-from fat_mlflow.models import load_checkpoint
-from fat_mlflow.precision import Precision, resolve_precision
-from fat_mlflow.predict import predict_spectrograms
+from fat_mlflow.data.features import log_mel
+from fat_mlflow.engine.models import load_checkpoint
+from fat_mlflow.engine.precision import Precision, resolve_precision
+from fat_mlflow.engine.predict import predict_spectrograms
 
 PATH_COLUMN = "path"
 BASE64_COLUMN = "audio_base64"
@@ -74,8 +74,8 @@ PATHS_OFF = (f"refused: this model does not read files ({PATH_COLUMN} input is o
              f"audio as {BASE64_COLUMN}")
 PATH_OUTSIDE = "refused: outside the folder this model may read"
 PACKAGE = "fat-mlflow"
-PACKAGE_DIR = Path(__file__).resolve().parent  # travels with the model (code_paths)
-MODEL_CODE = PACKAGE_DIR / "tagger_model.py"  # the model from code MLflow logs
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # all of fat_mlflow travels with the model
+MODEL_CODE = Path(__file__).resolve().with_name("tagger_model.py")  # the model from code
 
 
 @dataclass(frozen=True)

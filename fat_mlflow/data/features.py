@@ -22,7 +22,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
-from fat_mlflow.audio import AudioError, load_audio
+from fat_mlflow.data.audio import AudioError, load_audio
 from fat_mlflow.config import FeatureConfig
 
 CACHE_ENV = "FAT_MLFLOW_CACHE"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fat_mlflow.models.cnn import conv_bn_relu, init_weights, pooled_head, scaled
+from fat_mlflow.engine.models.cnn import conv_bn_relu, init_weights, pooled_head, scaled
 
 VGG16_CONFIG: tuple[int | str, ...] = (
     64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M",

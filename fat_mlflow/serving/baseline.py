@@ -20,9 +20,9 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from fat_mlflow.config import FeatureConfig
-from fat_mlflow.data import FatDataset
-from fat_mlflow.features import BadAudioError, FeatureCache
-from fat_mlflow.metrics import lwlrap
+from fat_mlflow.data.layout import FatDataset
+from fat_mlflow.data.features import BadAudioError, FeatureCache
+from fat_mlflow.engine.metrics import lwlrap
 
 FLOOR_C = 0.1  # inverse regularisation strength of the floor's logistic regressions
 

@@ -13,8 +13,8 @@ The output keeps the source's columns except the audio bytes (for a folder: `fna
 and adds one score column per class and `error` (and `top_labels` with `--top-k`), written
 to Parquet:
 
-    python -m fat_mlflow.spark --clips DIR -o scores.parquet [--model URI] [--master local[2]]
-    python -m fat_mlflow.spark --table clips.parquet --audio-root /mnt/clips -o scores.parquet
+    python -m fat_mlflow.serving.spark --clips DIR -o out.parquet [--model URI] [--master local[2]]
+    python -m fat_mlflow.serving.spark --table clips.parquet --audio-root /mnt/clips -o out.parquet
 """
 from __future__ import annotations
 
@@ -27,9 +27,9 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from fat_mlflow.config import ServingConfig
-from fat_mlflow.data import DataLayoutError
-from fat_mlflow.submission import list_clips
-from fat_mlflow.tagger import (
+from fat_mlflow.data.layout import DataLayoutError
+from fat_mlflow.serving.submission import list_clips
+from fat_mlflow.serving.tagger import (
     AUDIO_ROOT_CONFIG,
     BASE64_COLUMN,
     INPUT_COLUMNS,

@@ -34,9 +34,9 @@ import numpy as np
 import pandas as pd
 import soundfile as sf
 
-from fat_mlflow.audio import load_audio
+from fat_mlflow.data.audio import load_audio
 from fat_mlflow.config import DemoConfig
-from fat_mlflow.esc50 import META, Esc50Error
+from fat_mlflow.data.esc50 import META, Esc50Error
 from fat_mlflow.locking import exclusive
 
 SAMPLE_RATE = 44_100
@@ -61,7 +61,7 @@ class DemoExistsError(FileExistsError):
 
 def demo_clip_names() -> frozenset[str]:
     """The ESC-50 clip names (no extension) the demo is built from by default."""
-    text = resources.files("fat_mlflow").joinpath(DEMO_CLIPS_FILE).read_text()
+    text = resources.files("fat_mlflow.data").joinpath(DEMO_CLIPS_FILE).read_text()
     return frozenset(text.split())
 
 

@@ -23,8 +23,8 @@ from mlflow.pyfunc import PyFuncModel
 from tqdm.auto import tqdm
 
 from fat_mlflow.config import ServingConfig
-from fat_mlflow.data import AUDIO_SUFFIXES, DataLayoutError
-from fat_mlflow.tagger import ERROR_COLUMN, PATH_COLUMN, TOP_LABELS_COLUMN
+from fat_mlflow.data.layout import AUDIO_SUFFIXES, DataLayoutError
+from fat_mlflow.serving.tagger import ERROR_COLUMN, PATH_COLUMN, TOP_LABELS_COLUMN
 
 MAX_LISTED = 20
 ERRORS_SUFFIX = ".errors.csv"

@@ -33,19 +33,19 @@ from mlflow.environment_variables import (
 from mlflow.tracking import MlflowClient
 
 from fat_mlflow.config import DemoConfig, Profile
-from fat_mlflow.data import dataset_fingerprint, load_dataset
-from fat_mlflow.demo import SUMMARY_FILE, DemoExistsError, build_demo_dataset
-from fat_mlflow.esc50 import locate_esc50
-from fat_mlflow.featurize import run_features
+from fat_mlflow.data.layout import dataset_fingerprint, load_dataset
+from fat_mlflow.data.demo import SUMMARY_FILE, DemoExistsError, build_demo_dataset
+from fat_mlflow.data.esc50 import locate_esc50
+from fat_mlflow.warmup.featurize import run_features
 from fat_mlflow.plots import plot_stage_table
-from fat_mlflow.stages import (
+from fat_mlflow.warmup.stages import (
     StageRequest,
     check_pipeline_data,
     format_folds,
     gather_stage,
     run_stage,
 )
-from fat_mlflow.tracking import (
+from fat_mlflow.warmup.tracking import (
     TAG_COMPLETE,
     TAG_DATASET,
     TAG_PIPELINE,
@@ -319,13 +319,13 @@ def run_pipeline(request: PipelineRequest) -> tuple[str, pd.DataFrame]:
     return parent_id, table
 
 
-# the training sets of fat_mlflow.baseline.floor_test_lwlrap, as it names them
+# the training sets of fat_mlflow.serving.baseline.floor_test_lwlrap, as it names them
 FLOOR_TRAINING_SETS = ("curated", "curated_noisy")
 
 
 def build_and_register(run_ids: list[str], data: Path, registered_model: str,
                        cache_dir: Path | None) -> dict:
-    from fat_mlflow.ensemble import build_ensemble
+    from fat_mlflow.serving.ensemble import build_ensemble
 
     run_id, version = build_ensemble(run_ids, registered_model=registered_model, data=data,
                                      cache_dir=cache_dir)

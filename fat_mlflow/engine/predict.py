@@ -7,8 +7,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from fat_mlflow.dataset import window_batches
-from fat_mlflow.precision import Precision, resolve_precision
+from fat_mlflow.engine.dataset import window_batches
+from fat_mlflow.engine.precision import Precision, resolve_precision
 
 
 @torch.inference_mode()
