@@ -9,6 +9,11 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
+from fat_mlflow.cli import main
+from fat_mlflow.config import get_profile
+from fat_mlflow.data.features import FeatureCache
+from fat_mlflow.data.layout import DataLayoutError, load_dataset
+from fat_mlflow.engine.metrics import lwlrap
 from fat_mlflow.experiments.ablations import (
     ABLATIONS,
     AblationRequest,
@@ -22,11 +27,6 @@ from fat_mlflow.experiments.ablations import (
     write_report,
 )
 from fat_mlflow.serving.baseline import baseline_scores, clip_statistics, fit_logistic_baseline
-from fat_mlflow.cli import main
-from fat_mlflow.config import get_profile
-from fat_mlflow.data.layout import DataLayoutError, load_dataset
-from fat_mlflow.data.features import FeatureCache
-from fat_mlflow.engine.metrics import lwlrap
 from fat_mlflow.warmup.tracking import TAG_PIPELINE, download, read_table
 
 

@@ -20,14 +20,13 @@ from mlflow.tracking import MlflowClient
 from packaging.requirements import Requirement
 
 import fat_mlflow
-
-from fat_mlflow.serving.baseline import floor_test_lwlrap
 from fat_mlflow.cli import main
 from fat_mlflow.config import get_profile
 from fat_mlflow.data.layout import dataset_fingerprint, load_dataset
-from fat_mlflow.serving.ensemble import VersionScore, build_ensemble, takes_alias
 from fat_mlflow.engine.metrics import lwlrap
 from fat_mlflow.engine.models import build_model, save_checkpoint
+from fat_mlflow.serving.baseline import floor_test_lwlrap
+from fat_mlflow.serving.ensemble import VersionScore, build_ensemble, takes_alias
 from fat_mlflow.warmup.pipeline import floor_verdict, with_floor_rows
 from fat_mlflow.warmup.tracking import RunLookupError
 

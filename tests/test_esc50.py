@@ -26,9 +26,9 @@ import pandas as pd
 import pytest
 import soundfile as sf
 
-from fat_mlflow.data.layout import load_dataset
 from fat_mlflow.data.demo import build_demo_dataset, demo_clip_names
 from fat_mlflow.data.esc50 import Esc50Error, fetch_esc50
+from fat_mlflow.data.layout import load_dataset
 
 CLIP_SECONDS = 0.2
 EXTRA_CLIPS = 6  # clips of the archive that the demo manifest leaves out

@@ -7,8 +7,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from fat_mlflow.config import DemoConfig, get_profile
-from fat_mlflow.data.layout import dataset_fingerprint, load_dataset
 from fat_mlflow.data.demo import DemoExistsError
+from fat_mlflow.data.layout import dataset_fingerprint, load_dataset
 from fat_mlflow.warmup.pipeline import PipelineRequest, ensure_demo_data, run_pipeline
 from fat_mlflow.warmup.tracking import DEFAULT_EXPERIMENT
 

@@ -27,11 +27,11 @@ import soundfile as sf
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
-from fat_mlflow.data.audio import load_audio
 from fat_mlflow.cli import main
 from fat_mlflow.config import FeatureConfig, get_profile
-from fat_mlflow.data.layout import dataset_fingerprint, load_dataset
+from fat_mlflow.data.audio import load_audio
 from fat_mlflow.data.features import BadAudioError, FeatureCache
+from fat_mlflow.data.layout import dataset_fingerprint, load_dataset
 from fat_mlflow.warmup.featurize import run_features
 from fat_mlflow.warmup.pipeline import run_or_reuse
 from fat_mlflow.warmup.stages import StageRequest, run_stage

@@ -15,8 +15,8 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.types.schema import DataType
 
-from fat_mlflow.data.audio import AudioError, load_audio
 from fat_mlflow.config import FeatureConfig, ServingConfig
+from fat_mlflow.data.audio import AudioError, load_audio
 from fat_mlflow.data.features import log_mel
 from fat_mlflow.engine.models import build_model, load_checkpoint, save_checkpoint
 from fat_mlflow.engine.predict import predict_spectrograms

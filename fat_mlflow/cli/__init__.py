@@ -23,6 +23,7 @@ from fat_mlflow.config import (
 from fat_mlflow.data.demo import CLIP_CHOICES
 from fat_mlflow.data.esc50 import SOURCES_HELP
 
+
 def _int_list(text: str, hint: str) -> list[int]:
     try:
         return [int(item) for item in text.split(",") if item.strip()]
@@ -262,8 +263,12 @@ def pipeline(data, profile, overrides, seed, cache_dir, archs, esc50, registered
     Without --data it builds (or reuses) the demo dataset in ./demo_data. Stages that
     already finished with the same inputs are reused; an interrupted one is resumed.
     """
-    from fat_mlflow.warmup.pipeline import (PipelineRequest, floor_verdict, run_pipeline,
-                                     with_floor_rows)
+    from fat_mlflow.warmup.pipeline import (
+        PipelineRequest,
+        floor_verdict,
+        run_pipeline,
+        with_floor_rows,
+    )
 
     chosen = _profile(profile, overrides, seed)
     arch_list = [a.strip() for a in archs.split(",") if a.strip()] or (

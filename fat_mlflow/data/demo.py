@@ -34,8 +34,8 @@ import numpy as np
 import pandas as pd
 import soundfile as sf
 
-from fat_mlflow.data.audio import load_audio
 from fat_mlflow.config import DemoConfig
+from fat_mlflow.data.audio import load_audio
 from fat_mlflow.data.esc50 import META, Esc50Error
 from fat_mlflow.locking import exclusive
 

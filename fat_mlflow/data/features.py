@@ -22,8 +22,8 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
-from fat_mlflow.data.audio import AudioError, load_audio
 from fat_mlflow.config import FeatureConfig
+from fat_mlflow.data.audio import AudioError, load_audio
 
 CACHE_ENV = "FAT_MLFLOW_CACHE"
 

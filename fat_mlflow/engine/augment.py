@@ -9,9 +9,9 @@ and moved to the batch's, so a CPU generator can drive a GPU batch.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from collections.abc import Callable
 
 import numpy as np
 import torch

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from fat_mlflow.engine.augment import build_batch_augment
 from fat_mlflow.config import AugmentConfig, TrainConfig
+from fat_mlflow.engine.augment import build_batch_augment
 from fat_mlflow.engine.dataset import training_batches
 from fat_mlflow.engine.metrics import lwlrap
 from fat_mlflow.engine.precision import Precision, resolve_precision

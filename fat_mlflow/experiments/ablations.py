@@ -26,6 +26,7 @@ from scipy import stats
 from fat_mlflow.config import ABLATIONS, DEFAULT_ABLATIONS, Ablation, Profile
 from fat_mlflow.data.layout import DataLayoutError, FatDataset, dataset_fingerprint, load_dataset
 from fat_mlflow.engine.metrics import lwlrap
+from fat_mlflow.plots import plot_ablations
 from fat_mlflow.warmup.pipeline import (
     DEMO_DIR,
     FLOOR_TRAINING_SETS,
@@ -34,7 +35,6 @@ from fat_mlflow.warmup.pipeline import (
     floors_by_training_set,
     run_pipeline,
 )
-from fat_mlflow.plots import plot_ablations
 from fat_mlflow.warmup.tracking import (
     TAG_DATASET,
     TAG_PIPELINE,

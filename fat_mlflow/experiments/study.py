@@ -22,11 +22,11 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from fat_mlflow.experiments.ablations import pipeline_row, report_cells, reused_or_trained
 from fat_mlflow.config import DemoConfig, Profile, StudyGrid
 from fat_mlflow.data.layout import dataset_fingerprint, load_dataset
-from fat_mlflow.warmup.pipeline import DEMO_DIR, PipelineRequest, ensure_demo_data
+from fat_mlflow.experiments.ablations import pipeline_row, report_cells, reused_or_trained
 from fat_mlflow.plots import plot_study_axis
+from fat_mlflow.warmup.pipeline import DEMO_DIR, PipelineRequest, ensure_demo_data
 from fat_mlflow.warmup.tracking import TAG_STAGE, configure_tracking
 
 TAG_STUDY = "fat.study"

@@ -20,8 +20,8 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from fat_mlflow.config import FeatureConfig
-from fat_mlflow.data.layout import FatDataset
 from fat_mlflow.data.features import BadAudioError, FeatureCache
+from fat_mlflow.data.layout import FatDataset
 from fat_mlflow.engine.metrics import lwlrap
 
 FLOOR_C = 0.1  # inverse regularisation strength of the floor's logistic regressions

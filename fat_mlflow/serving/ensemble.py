@@ -28,13 +28,12 @@ import soundfile as sf
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 
-from fat_mlflow.data.audio import load_audio
-from fat_mlflow.serving.baseline import floor_test_lwlrap
 from fat_mlflow.config import FeatureConfig
+from fat_mlflow.data.audio import load_audio
 from fat_mlflow.data.layout import FatDataset, dataset_fingerprint, load_dataset
 from fat_mlflow.engine.metrics import lwlrap, per_class_lwlrap
 from fat_mlflow.plots import plot_per_class
-from fat_mlflow.warmup.stages import STAGES
+from fat_mlflow.serving.baseline import floor_test_lwlrap
 from fat_mlflow.serving.submission import score_all
 from fat_mlflow.serving.tagger import (
     BASE64_COLUMN,
@@ -43,6 +42,7 @@ from fat_mlflow.serving.tagger import (
     load_local_model,
     pyfunc_arguments,
 )
+from fat_mlflow.warmup.stages import STAGES
 from fat_mlflow.warmup.tracking import (
     PROFILE_ARTIFACT,
     TAG_ARCH,

@@ -52,8 +52,8 @@ from packaging.requirements import Requirement
 from threadpoolctl import ThreadpoolController
 from torch import nn
 
-from fat_mlflow.data.audio import AudioError, decode_audio_bytes, load_audio
 from fat_mlflow.config import FeatureConfig, ServingConfig, parse_bool
+from fat_mlflow.data.audio import AudioError, decode_audio_bytes, load_audio
 from fat_mlflow.data.features import log_mel
 from fat_mlflow.engine.models import load_checkpoint
 from fat_mlflow.engine.precision import Precision, resolve_precision

@@ -8,8 +8,8 @@ import mlflow
 import pandas as pd
 
 from fat_mlflow.config import FeatureConfig
-from fat_mlflow.data.layout import dataset_fingerprint, load_dataset
 from fat_mlflow.data.features import CacheStats, FeatureCache
+from fat_mlflow.data.layout import dataset_fingerprint, load_dataset
 from fat_mlflow.warmup.tracking import TAG_DATASET, TAG_STAGE, configure_tracking, log_table
 
 

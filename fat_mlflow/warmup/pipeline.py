@@ -33,11 +33,11 @@ from mlflow.environment_variables import (
 from mlflow.tracking import MlflowClient
 
 from fat_mlflow.config import DemoConfig, Profile
-from fat_mlflow.data.layout import dataset_fingerprint, load_dataset
 from fat_mlflow.data.demo import SUMMARY_FILE, DemoExistsError, build_demo_dataset
 from fat_mlflow.data.esc50 import locate_esc50
-from fat_mlflow.warmup.featurize import run_features
+from fat_mlflow.data.layout import dataset_fingerprint, load_dataset
 from fat_mlflow.plots import plot_stage_table
+from fat_mlflow.warmup.featurize import run_features
 from fat_mlflow.warmup.stages import (
     StageRequest,
     check_pipeline_data,

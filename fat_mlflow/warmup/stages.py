@@ -24,11 +24,12 @@ from mlflow.entities import Run
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from fat_mlflow.config import RUNTIME_SETTINGS, Profile, TrainConfig, get_profile
-from fat_mlflow.engine.crossval import ClipSet, CrossValResult, assemble, run_cross_validation
-from fat_mlflow.data.layout import DataLayoutError, FatDataset, dataset_fingerprint, load_dataset
 from fat_mlflow.data.features import BadAudioError, FeatureCache
+from fat_mlflow.data.layout import DataLayoutError, FatDataset, dataset_fingerprint, load_dataset
+from fat_mlflow.engine.crossval import ClipSet, CrossValResult, assemble, run_cross_validation
 from fat_mlflow.engine.folds import assign_folds, folds_for
 from fat_mlflow.engine.models import build_model, load_checkpoint
+from fat_mlflow.engine.training import resolve_device, training_precision
 from fat_mlflow.plots import plot_fold_curves
 from fat_mlflow.warmup.selection import (
     label_counts,
@@ -56,7 +57,6 @@ from fat_mlflow.warmup.tracking import (
     log_table,
     read_table,
 )
-from fat_mlflow.engine.training import resolve_device, training_precision
 
 STAGES = ("stage1", "stage2", "stage3", "stage4")
 TRAINING_SPLITS = {"stage1": ("noisy",), "stage2": ("curated",), "stage3": ("curated", "noisy"),

@@ -28,12 +28,12 @@ from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.tracking import MlflowClient
 from torch import nn
 
-from fat_mlflow.engine.crossval import FoldResult
 from fat_mlflow.data.layout import FatDataset
-from fat_mlflow.locking import exclusive
+from fat_mlflow.engine.crossval import FoldResult
 from fat_mlflow.engine.models import save_checkpoint
 from fat_mlflow.engine.precision import Precision
 from fat_mlflow.engine.training import EpochLog
+from fat_mlflow.locking import exclusive
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "fat-mlflow"
