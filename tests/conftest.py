@@ -111,13 +111,14 @@ class TinyChain:
 @pytest.fixture(scope="session")
 def tiny_chain(demo_data: Path, tmp_path_factory: pytest.TempPathFactory) -> TinyChain:
     from fat_mlflow.config import get_profile
+    from fat_mlflow.serving.ensemble import build_and_register
     from fat_mlflow.warmup.pipeline import PipelineRequest, run_pipeline
 
     root = tmp_path_factory.mktemp("chain")
     request = PipelineRequest(data=demo_data, profile=get_profile("tiny"), archs=["cnn"],
                               esc50=Path("unused"), threshold=0.0, progress=False)
     with isolated_tracking(root) as uri:
-        parent, table = run_pipeline(request)
+        parent, table = run_pipeline(request, build_and_register)
     runs = dict(zip(table["stage"], table["run_id"]))
     return TinyChain(root, uri, demo_data, parent, runs, table)
 

@@ -26,8 +26,13 @@ from fat_mlflow.data.layout import dataset_fingerprint, load_dataset
 from fat_mlflow.engine.metrics import lwlrap
 from fat_mlflow.engine.models import build_model, save_checkpoint
 from fat_mlflow.serving.baseline import floor_test_lwlrap
-from fat_mlflow.serving.ensemble import VersionScore, build_ensemble, takes_alias
-from fat_mlflow.warmup.pipeline import floor_verdict, with_floor_rows
+from fat_mlflow.serving.ensemble import (
+    VersionScore,
+    build_ensemble,
+    floor_verdict,
+    takes_alias,
+    with_floor_rows,
+)
 from fat_mlflow.warmup.tracking import RunLookupError
 
 MODEL = "fat2019-tagger-test"

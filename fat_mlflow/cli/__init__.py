@@ -263,12 +263,8 @@ def pipeline(data, profile, overrides, seed, cache_dir, archs, esc50, registered
     Without --data it builds (or reuses) the demo dataset in ./demo_data. Stages that
     already finished with the same inputs are reused; an interrupted one is resumed.
     """
-    from fat_mlflow.warmup.pipeline import (
-        PipelineRequest,
-        floor_verdict,
-        run_pipeline,
-        with_floor_rows,
-    )
+    from fat_mlflow.serving.ensemble import build_and_register, floor_verdict, with_floor_rows
+    from fat_mlflow.warmup.pipeline import PipelineRequest, run_pipeline
 
     chosen = _profile(profile, overrides, seed)
     arch_list = [a.strip() for a in archs.split(",") if a.strip()] or (
@@ -278,7 +274,7 @@ def pipeline(data, profile, overrides, seed, cache_dir, archs, esc50, registered
                               registered_model=registered_model, threshold=threshold,
                               max_per_label_per_fold=max_per_label_per_fold,
                               warm_start=warm_start, fold_jobs=fold_jobs)
-    parent_id, table = run_pipeline(request)
+    parent_id, table = run_pipeline(request, build_and_register)
     columns = [c for c in ("model", "lwlrap_noisy", "lwlrap_curated", "lwlrap_test",
                            "selected_clips", "selection_precision", "noisy_base_rate")
                if c in table]

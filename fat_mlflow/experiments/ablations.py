@@ -27,14 +27,12 @@ from fat_mlflow.config import ABLATIONS, DEFAULT_ABLATIONS, Ablation, Profile
 from fat_mlflow.data.layout import DataLayoutError, FatDataset, dataset_fingerprint, load_dataset
 from fat_mlflow.engine.metrics import lwlrap
 from fat_mlflow.plots import plot_ablations
-from fat_mlflow.warmup.pipeline import (
-    DEMO_DIR,
+from fat_mlflow.serving.ensemble import (
     FLOOR_TRAINING_SETS,
-    PipelineRequest,
-    ensure_demo_data,
+    build_and_register,
     floors_by_training_set,
-    run_pipeline,
 )
+from fat_mlflow.warmup.pipeline import DEMO_DIR, PipelineRequest, ensure_demo_data, run_pipeline
 from fat_mlflow.warmup.tracking import (
     TAG_DATASET,
     TAG_PIPELINE,
@@ -143,7 +141,7 @@ def reused_or_trained(label: str, key_tag: str, request: PipelineRequest) -> str
         click.echo(f"{label}: reusing pipeline run {pipeline_id}")
         return pipeline_id
     click.echo(f"{label}: training")
-    return run_pipeline(request)[0]
+    return run_pipeline(request, build_and_register)[0]
 
 
 def pipeline_row(pipeline_id: str, dataset: FatDataset) -> dict:

@@ -17,12 +17,14 @@ from __future__ import annotations
 import base64
 import io
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import librosa
 import matplotlib.pyplot as plt
 import mlflow
+import numpy as np
 import pandas as pd
 import soundfile as sf
 from mlflow.tracking import MlflowClient
@@ -294,3 +296,54 @@ def _register(model_uri: str, name: str, alias: str, score: VersionScore,
         client.set_registered_model_alias(name, alias, version.version)
     mlflow.set_tag("fat.alias_moved", str(moved).lower())
     return str(version.version)
+
+
+# the training sets of `floor_test_lwlrap`, as it names them
+FLOOR_TRAINING_SETS = ("curated", "curated_noisy")
+
+
+def build_and_register(run_ids: list[str], data: Path, registered_model: str,
+                       cache_dir: Path | None) -> dict:
+    """The pipeline's ensemble step (`run_pipeline`): build and register the ensemble of
+    `run_ids`, and return its row of the stage report, the floor's test lwlrap beside it."""
+    run_id, version = build_ensemble(run_ids, registered_model=registered_model, data=data,
+                                     cache_dir=cache_dir)
+    metrics = MlflowClient().get_run(run_id).data.metrics
+    return {"model": "ensemble", "arch": "all",
+            "stage": "ensemble", "run_id": run_id, "lwlrap_test": metrics.get("lwlrap_test"),
+            **{f"floor_lwlrap_{name}": metrics.get(f"floor_lwlrap_{name}", np.nan)
+               for name in FLOOR_TRAINING_SETS},
+            "registered_version": version}
+
+
+def floors_by_training_set(ensemble_record: Mapping) -> dict[str, float]:
+    """The floor's test lwlrap by training set ("curated_noisy"), where the ensemble scored it."""
+    values = {name: ensemble_record.get(f"floor_lwlrap_{name}") for name in FLOOR_TRAINING_SETS}
+    return {name: float(value) for name, value in values.items()
+            if value is not None and pd.notna(value)}
+
+
+def scored_floors(ensemble_row: pd.Series) -> dict[str, float]:
+    """The floor's test lwlrap under display names ("curated + noisy")."""
+    return {name.replace("_", " + "): value
+            for name, value in floors_by_training_set(ensemble_row).items()}
+
+
+def with_floor_rows(table: pd.DataFrame) -> pd.DataFrame:
+    """The stage report plus the logistic floor's test lwlrap as rows under the ensemble's."""
+    floors = [{"model": f"floor ({name})", "lwlrap_test": value}
+              for name, value in scored_floors(table.iloc[-1]).items()]
+    return pd.concat([table, pd.DataFrame(floors)], ignore_index=True) if floors else table
+
+
+def floor_verdict(ensemble_row: pd.Series) -> str:
+    """One line: the ensemble's test lwlrap against the logistic floor on the same clips."""
+    floors = scored_floors(ensemble_row)
+    score = ensemble_row.get("lwlrap_test")
+    if not floors or pd.isna(score):
+        return "no test labels: the ensemble is not compared with the logistic floor"
+    floor = max(floors.values())
+    shown = ", ".join(f"{value:.3f} trained on {name}" for name, value in floors.items())
+    verdict = f"beats it by {score - floor:.3f}" if score > floor else \
+        f"DOES NOT beat it (short by {floor - score:.3f}): not yet worth serving"
+    return f"ensemble test lwlrap {score:.3f}; logistic floor {shown}: the ensemble {verdict}"
