@@ -142,7 +142,8 @@ def registered_tagger(demo_data: Path, tmp_path_factory: pytest.TempPathFactory)
     from the dataset recorded on the stage run."""
     from fat_mlflow.config import get_profile
     from fat_mlflow.serving.ensemble import build_ensemble
-    from fat_mlflow.warmup.stages import StageRequest, run_stage
+    from fat_mlflow.warmup.stage_inputs import StageRequest
+    from fat_mlflow.warmup.stages import run_stage
 
     name = "fat2019-tagger-served"
     root = tmp_path_factory.mktemp("served-store")

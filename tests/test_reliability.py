@@ -34,7 +34,8 @@ from fat_mlflow.data.features import BadAudioError, FeatureCache
 from fat_mlflow.data.layout import dataset_fingerprint, load_dataset
 from fat_mlflow.warmup.featurize import run_features
 from fat_mlflow.warmup.pipeline import run_or_reuse
-from fat_mlflow.warmup.stages import StageRequest, run_stage
+from fat_mlflow.warmup.stage_inputs import StageRequest
+from fat_mlflow.warmup.stages import run_stage
 from fat_mlflow.warmup.tracking import MlflowFoldStore, configure_tracking
 
 SR = 44_100

@@ -9,7 +9,8 @@ from fat_mlflow.config import get_profile
 from fat_mlflow.data.layout import load_dataset
 from fat_mlflow.engine.crossval import ClipSet
 from fat_mlflow.warmup.selection import SELECTION_COLUMNS
-from fat_mlflow.warmup.stages import StageRequest, run_stage, selection_summary, training_masks
+from fat_mlflow.warmup.stage_inputs import StageRequest
+from fat_mlflow.warmup.stages import run_stage, selection_summary, training_masks
 from fat_mlflow.warmup.tracking import RunLookupError
 
 

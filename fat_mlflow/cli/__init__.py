@@ -187,7 +187,8 @@ def _stage_command(stage: str, summary: str):
                        "only prepares the run; 'all' trains and completes the whole stage.")
     def command(data, profile, overrides, seed, cache_dir, init_run_id, resume_run_id,
                 bad_audio, selection_run_ids, threshold, max_per_label_per_fold, fold_spec):
-        from fat_mlflow.warmup.stages import StageRequest, parse_folds, run_stage
+        from fat_mlflow.warmup.stage_inputs import StageRequest, parse_folds
+        from fat_mlflow.warmup.stages import run_stage
 
         chosen = _profile(profile, overrides, seed)
         try:

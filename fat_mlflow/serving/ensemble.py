@@ -44,7 +44,7 @@ from fat_mlflow.serving.tagger import (
     load_local_model,
     pyfunc_arguments,
 )
-from fat_mlflow.warmup.stages import STAGES
+from fat_mlflow.warmup.stage_inputs import STAGES
 from fat_mlflow.warmup.tracking import (
     PROFILE_ARTIFACT,
     TAG_ARCH,

@@ -38,13 +38,8 @@ from fat_mlflow.data.esc50 import locate_esc50
 from fat_mlflow.data.layout import dataset_fingerprint, load_dataset
 from fat_mlflow.plots import plot_stage_table
 from fat_mlflow.warmup.featurize import run_features
-from fat_mlflow.warmup.stages import (
-    StageRequest,
-    check_pipeline_data,
-    format_folds,
-    gather_stage,
-    run_stage,
-)
+from fat_mlflow.warmup.stage_inputs import StageRequest, check_pipeline_data, format_folds
+from fat_mlflow.warmup.stages import gather_stage, run_stage
 from fat_mlflow.warmup.tracking import (
     TAG_COMPLETE,
     TAG_DATASET,

@@ -7,12 +7,12 @@ A stage run is made in three steps: prepare (validate the sources, log the input
 the folds, gather (out-of-fold tables, metrics, curves, `fat.complete`). `run_stage` does all
 three in one process; with `StageRequest.folds` it is one *fold job* that trains only some
 folds, in a child run of the stage run, so that several jobs can share a stage and
-`gather_stage` completes it once every fold exists.
+`gather_stage` completes it once every fold exists. The request and the inputs a stage
+reads (features, folds, source runs) are `stage_inputs`.
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import click
@@ -23,11 +23,9 @@ import torch
 from mlflow.entities import Run
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-from fat_mlflow.config import RUNTIME_SETTINGS, Profile, TrainConfig, get_profile
-from fat_mlflow.data.features import BadAudioError, FeatureCache
-from fat_mlflow.data.layout import DataLayoutError, FatDataset, dataset_fingerprint, load_dataset
+from fat_mlflow.config import get_profile
+from fat_mlflow.data.layout import FatDataset
 from fat_mlflow.engine.crossval import ClipSet, CrossValResult, assemble, run_cross_validation
-from fat_mlflow.engine.folds import assign_folds, folds_for
 from fat_mlflow.engine.models import build_model, load_checkpoint
 from fat_mlflow.engine.training import resolve_device, training_precision
 from fat_mlflow.plots import plot_fold_curves
@@ -36,6 +34,14 @@ from fat_mlflow.warmup.selection import (
     select_by_agreement,
     select_perfect,
     selection_precision,
+)
+from fat_mlflow.warmup.stage_inputs import (
+    STAGES,
+    StageData,
+    StageRequest,
+    format_folds,
+    input_params,
+    load_stage_inputs,
 )
 from fat_mlflow.warmup.tracking import (
     FOLDS_ARTIFACT,
@@ -48,7 +54,6 @@ from fat_mlflow.warmup.tracking import (
     VOCABULARY_ARTIFACT,
     MlflowFoldStore,
     RunLookupError,
-    check_source_run,
     configure_tracking,
     fold_histories,
     fold_model_path,
@@ -58,187 +63,14 @@ from fat_mlflow.warmup.tracking import (
     read_table,
 )
 
-STAGES = ("stage1", "stage2", "stage3", "stage4")
 TRAINING_SPLITS = {"stage1": ("noisy",), "stage2": ("curated",), "stage3": ("curated", "noisy"),
                    "stage4": ("curated", "noisy")}  # stages 3 and 4: a selection of the noisy
-WARM_START_FROM = {"stage2": "stage1", "stage3": "stage2", "stage4": "stage3"}
 FOLD_JOB = "fold-job"  # the fat.stage tag of a fold job's child run
-# Settings that say where and how fast a stage trains, not what: jobs of one stage may differ.
-RUNTIME_PARAMS = RUNTIME_SETTINGS | {"stage.data"}
 PROFILE_SECTIONS = ("features", "augment", "train")
-
-
-SKIP_HINT = ("fix or remove them, or pass --bad-audio skip to leave them out (they are then "
-             "logged as the artifact bad_audio.csv)")
-
-
-@dataclass
-class StageRequest:
-    """What one stage run is asked to do; the CLI and the pipeline build these."""
-
-    stage: str
-    data: Path
-    profile: Profile
-    init_run_id: str | None = None
-    selection_run_ids: list[str] = field(default_factory=list)
-    resume_run_id: str | None = None
-    threshold: float = 0.5
-    max_per_label_per_fold: int = 5
-    cache_dir: Path | None = None
-    bad_audio: str = "stop"  # or "skip"
-    pipeline_run_id: str | None = None
-    progress: bool = True
-    folds: list[int] | None = None  # None: the whole stage; else a fold job ([] = prepare only)
-    tags: dict[str, str] = field(default_factory=dict)  # extra tags, set when the run starts
-
-
-def parse_folds(spec: str, n_folds: int) -> list[int] | None:
-    """`--folds` text -> fold numbers: "all" (None: the whole stage), "none" ([]: only
-    prepare the stage run), or numbers and ranges such as "0-4", "0,2,5", "0-2,7"."""
-    text = spec.strip().lower()
-    if text == "all":
-        return None
-    if text == "none":
-        return []
-    folds: set[int] = set()
-    for part in text.split(","):
-        first, dash, last = part.strip().partition("-")
-        try:
-            low, high = int(first), int(last if dash else first)
-        except ValueError:
-            raise ValueError(f"folds {spec!r}: {part.strip()!r} is not a fold number or a range "
-                             "like 0-4 (or use 'all' / 'none')") from None
-        if low > high:
-            raise ValueError(f"folds {spec!r}: the range {part.strip()} runs backwards")
-        outside = [fold for fold in (low, high) if not 0 <= fold < n_folds]
-        if outside:
-            raise ValueError(f"folds {spec!r}: fold {outside[0]} does not exist; this profile "
-                             f"has {n_folds} folds, numbered 0-{n_folds - 1}")
-        folds.update(range(low, high + 1))
-    return sorted(folds)
-
-
-def format_folds(folds: list[int]) -> str:
-    """The shortest `--folds` text for a list of folds: [0, 1, 2, 5] -> "0-2,5"."""
-    parts: list[str] = []
-    for fold in sorted(folds):
-        if parts and fold == int(parts[-1].rpartition("-")[2]) + 1:
-            parts[-1] = f"{parts[-1].partition('-')[0]}-{fold}"
-        else:
-            parts.append(str(fold))
-    return ",".join(parts) or "none"
-
-
-@dataclass
-class StageData:
-    dataset: FatDataset
-    fingerprint: str
-    sets: dict[str, ClipSet]
-    test: ClipSet | None
-    bad_audio: dict[str, str]
-
-
-def training_sets(dataset: FatDataset) -> dict[str, pd.DataFrame]:
-    """The sets a stage splits into folds; a train_noisy.csv without clips counts as absent."""
-    sets = {"curated": dataset.curated}
-    if dataset.has_noisy and len(dataset.noisy):
-        sets["noisy"] = dataset.noisy
-    return sets
-
-
-def require_noisy(stage: str, dataset: FatDataset) -> None:
-    """Stage 1 trains on the noisy set alone: without noisy clips it stops before any run."""
-    if stage != "stage1" or "noisy" in training_sets(dataset):
-        return
-    problem = "lists no clips" if dataset.has_noisy else "not found"
-    raise DataLayoutError(f"{dataset.root / 'train_noisy.csv'}: {problem}; stage 1 trains on "
-                          "the noisy set, and every later stage builds on stage 1")
-
-
-def new_folds(dataset: FatDataset, sets: dict[str, pd.DataFrame], cfg: TrainConfig) -> pd.DataFrame:
-    """A fresh fold assignment of `sets`; FoldSplitError when a fold would have too few clips."""
-    return assign_folds({name: (frame["fname"], dataset.targets(frame))
-                         for name, frame in sets.items()}, cfg.n_folds, cfg.seed)
-
-
-def check_pipeline_data(dataset: FatDataset, profile: Profile) -> None:
-    """Stage 1's checks without computing features, so a pipeline that cannot train stops
-    before it starts any run: a noisy set, and folds that leave every fold model clips."""
-    require_noisy("stage1", dataset)
-    new_folds(dataset, training_sets(dataset), profile.train)
-
-
-def load_stage_data(request: StageRequest, dataset: FatDataset,
-                    folds: pd.DataFrame | None) -> tuple[StageData, pd.DataFrame]:
-    """Cached features + fold assignment (reused when an earlier run gave one)."""
-    cache = FeatureCache(request.cache_dir, request.profile.features)
-    frames = {**training_sets(dataset), "test": dataset.test}
-    stats = cache.compute([p for frame in frames.values() for p in frame["path"]],
-                          progress=request.progress)
-    if stats.failures and request.bad_audio != "skip":
-        raise BadAudioError(stats.failures, SKIP_HINT)
-    bad = {str(p) for p in stats.failures}
-    frames = {name: frame[~frame["path"].astype(str).isin(bad)].reset_index(drop=True)
-              for name, frame in frames.items()}
-    training = {name: frames[name] for name in ("curated", "noisy") if name in frames}
-    if folds is None:
-        folds = new_folds(dataset, training, request.profile.train)
-    sets = {name: ClipSet(name, list(frame["fname"]), cache.load_many(frame["path"]),
-                          dataset.targets(frame), folds_for(folds, name, frame["fname"]))
-            for name, frame in training.items()}
-    test_frame = frames["test"]
-    test = None
-    if len(test_frame):
-        targets = (dataset.targets(test_frame) if dataset.has_test_truth
-                   else np.zeros((len(test_frame), len(dataset.vocabulary)), np.float32))
-        test = ClipSet("test", list(test_frame["fname"]), cache.load_many(test_frame["path"]),
-                       targets, np.full(len(test_frame), -1))
-    data = StageData(dataset, dataset_fingerprint(dataset), sets, test, stats.failures)
-    return data, folds
 
 
 def _noisy_labels(dataset: FatDataset) -> pd.Series:
     return dataset.noisy.set_index("fname")["labels"]
-
-
-SELECTION_SOURCES = {"stage3": ("stage1", "stage2"), "stage4": ("stage3",)}
-
-
-def check_sources(request: StageRequest, fingerprint: str) -> None:
-    """Validate every run ID the stage builds on before any feature is computed."""
-    expected = SELECTION_SOURCES.get(request.stage, ())
-    if len(request.selection_run_ids) != len(expected):
-        raise RunLookupError(
-            f"{request.stage} selects noisy clips with {len(expected) or 'no'} earlier run(s) "
-            f"({', '.join(expected) or '-'}); got {len(request.selection_run_ids)}"
-        )
-    for run_id, stage in zip(request.selection_run_ids, expected):
-        check_source_run(run_id, (stage,), fingerprint)
-    if request.init_run_id:
-        previous = WARM_START_FROM.get(request.stage)
-        init_run = check_source_run(request.init_run_id,
-                                    (previous,) if previous else STAGES, fingerprint)
-        arch = request.profile.train.arch
-        if init_run.data.tags.get(TAG_ARCH) != arch:
-            raise RunLookupError(f"run {request.init_run_id} trained "
-                                 f"{init_run.data.tags.get(TAG_ARCH)}, this stage trains {arch}: "
-                                 "warm start needs the same network")
-    if request.resume_run_id:
-        run = check_source_run(request.resume_run_id, (request.stage,), fingerprint,
-                               need_complete=False)
-        _check_same_inputs(request, run)
-
-
-def _check_same_inputs(request: StageRequest, run: Run) -> None:
-    """A resumed or joined run must be trained with the settings it was started with."""
-    differences = [f"{key}: the run has {run.data.params.get(key)!r}, this one {str(value)!r}"
-                   for key, value in _input_params(request).items()
-                   if key not in RUNTIME_PARAMS and run.data.params.get(key) != str(value)]
-    if differences:
-        raise RunLookupError(
-            f"run {run.info.run_id} was started with other settings, and its folds must all "
-            "be trained alike; use its settings (see its parameters):\n  "
-            + "\n  ".join(differences))
 
 
 def select_noisy(request: StageRequest, data: StageData) -> pd.DataFrame | None:
@@ -278,14 +110,6 @@ def training_masks(stage: str, sets: dict[str, ClipSet],
     return masks
 
 
-def _source_folds(request: StageRequest) -> pd.DataFrame | None:
-    """Later stages inherit the fold assignment of the run they build on."""
-    for run_id in [request.resume_run_id, request.init_run_id, *request.selection_run_ids]:
-        if run_id:
-            return read_table(run_id, FOLDS_ARTIFACT)
-    return None
-
-
 def _start_run(request: StageRequest) -> mlflow.ActiveRun:
     """Resume the run, or start a new one: in its pipeline run's experiment, when it has one."""
     if request.resume_run_id:
@@ -300,17 +124,6 @@ def _start_run(request: StageRequest) -> mlflow.ActiveRun:
     )
 
 
-def _load(request: StageRequest) -> tuple[StageData, pd.DataFrame]:
-    """Validate the request and its source runs, then load features and folds."""
-    if request.stage not in STAGES:
-        raise ValueError(f"unknown stage {request.stage!r}; one of {', '.join(STAGES)}")
-    dataset = load_dataset(request.data)
-    require_noisy(request.stage, dataset)
-    configure_tracking()
-    check_sources(request, dataset_fingerprint(dataset))
-    return load_stage_data(request, dataset, _source_folds(request))
-
-
 def run_stage(request: StageRequest) -> str:
     """Train (or resume) one stage run end to end; returns its run ID.
 
@@ -318,7 +131,7 @@ def run_stage(request: StageRequest) -> str:
     `request.resume_run_id` (or prepares a new one), trains only those folds in a child run
     of it and leaves the completion to `gather_stage`.
     """
-    data, folds = _load(request)
+    data, folds = load_stage_inputs(request)
     selection = select_noisy(request, data)
     if selection is not None:
         click.echo(selection_summary(request, selection))
@@ -394,7 +207,7 @@ def gather_stage(run_id: str, data: Path | None = None, cache_dir: Path | None =
     """
     configure_tracking()
     request = _request_from_run(get_run(run_id), data, cache_dir, progress)
-    stage_data, _ = _load(request)
+    stage_data, _ = load_stage_inputs(request)
     cfg = request.profile.train
     vocabulary = stage_data.dataset.vocabulary
     results = MlflowFoldStore(run_id, cfg.arch, cfg.width, len(vocabulary)).finished_folds()
@@ -438,7 +251,7 @@ def _log_inputs(request: StageRequest, data: StageData, folds: pd.DataFrame,
                      TAG_ARCH: request.profile.train.arch, TAG_COMPLETE: "false",
                      **({TAG_PIPELINE: request.pipeline_run_id} if request.pipeline_run_id else {}),
                      **request.tags})
-    mlflow.log_params(_input_params(request))
+    mlflow.log_params(input_params(request))
     log_dataset_inputs(data.dataset, data.fingerprint,
                        [split for split in TRAINING_SPLITS[request.stage] if split in data.sets])
     log_table(folds, FOLDS_ARTIFACT)
@@ -449,17 +262,6 @@ def _log_inputs(request: StageRequest, data: StageData, folds: pd.DataFrame,
                   "bad_audio.csv")
     if selection is not None:
         _log_selection(selection, data)
-
-
-def _input_params(request: StageRequest) -> dict:
-    """The stage run's parameters: everything that decides what its folds learn."""
-    # "stage." keys: `mlflow run` already logged the raw entry-point parameters by name
-    return {**request.profile.flat(), "stage.data": str(request.data),
-            "stage.init_run_id": request.init_run_id or "",
-            "stage.selection_run_ids": ",".join(request.selection_run_ids),
-            "stage.threshold": request.threshold,
-            "stage.max_per_label_per_fold": request.max_per_label_per_fold,
-            "stage.bad_audio": request.bad_audio}
 
 
 def _log_selection(selection: pd.DataFrame, data: StageData) -> None:
