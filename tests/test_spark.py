@@ -21,8 +21,8 @@ pytest.importorskip("pyspark", reason="pyspark not installed: pip install -e '.[
 import mlflow  # noqa: E402
 from pyspark.sql import SparkSession  # noqa: E402
 
-from fat_mlflow import spark as spark_scoring  # noqa: E402
 from fat_mlflow.data.layout import load_dataset  # noqa: E402
+from fat_mlflow.serving import spark as spark_scoring  # noqa: E402
 from fat_mlflow.serving.tagger import PATH_OUTSIDE, load_local_model  # noqa: E402
 
 pytestmark = pytest.mark.slow
