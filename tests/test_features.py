@@ -15,17 +15,17 @@ import pytest
 import soundfile as sf
 from click.testing import CliRunner
 
-from fat_mlflow.audio import AudioError, load_audio
 from fat_mlflow.cli import main
 from fat_mlflow.config import FeatureConfig
-from fat_mlflow.features import (
+from fat_mlflow.data.audio import AudioError, load_audio
+from fat_mlflow.data.features import (
     FeatureCache,
     _atomic_write,
     default_cache_root,
     log_mel,
     store_folder,
 )
-from fat_mlflow.store import FeatureStore
+from fat_mlflow.data.store import FeatureStore
 
 CFG = FeatureConfig()
 

@@ -18,10 +18,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from fat_mlflow.config import RehearsalConfig
-from fat_mlflow.data import load_dataset
-from fat_mlflow.demo import read_meta
-from fat_mlflow.pipeline import JOB_ENTRY
-from fat_mlflow.rehearsal import CLASSES_FILE, PLAN_FILE, _source_pools, build_rehearsal_dataset
+from fat_mlflow.data.layout import load_dataset
+from fat_mlflow.data.demo import read_meta
+from fat_mlflow.warmup.pipeline import JOB_ENTRY
+from fat_mlflow.data.rehearsal import CLASSES_FILE, PLAN_FILE, _source_pools, build_rehearsal_dataset
 
 SCALE = 0.03  # ~880 clips, all read by stage 1: well over the limit below
 SECONDS_SCALE = 0.1  # noisy clips of 1.5 s

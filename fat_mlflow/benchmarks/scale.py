@@ -29,14 +29,14 @@ from fat_mlflow.benchmarks import BENCHMARK_PROFILES
 from fat_mlflow.benchmarks import training as training_bench
 from fat_mlflow.benchmarks.common import format_number
 from fat_mlflow.config import PROFILES, Profile, RehearsalConfig, TrainConfig
-from fat_mlflow.data import load_dataset
-from fat_mlflow.dataset import window_starts
-from fat_mlflow.features import FeatureCache
-from fat_mlflow.models import build_model
-from fat_mlflow.predict import predict_spectrograms
-from fat_mlflow.spectrograms import ClipSpectrograms, take
-from fat_mlflow.tracking import TAG_PIPELINE, TAG_STAGE, configure_tracking
-from fat_mlflow.training import training_precision
+from fat_mlflow.data.layout import load_dataset
+from fat_mlflow.engine.dataset import window_starts
+from fat_mlflow.data.features import FeatureCache
+from fat_mlflow.engine.models import build_model
+from fat_mlflow.engine.predict import predict_spectrograms
+from fat_mlflow.engine.spectrograms import ClipSpectrograms, take
+from fat_mlflow.warmup.tracking import TAG_PIPELINE, TAG_STAGE, configure_tracking
+from fat_mlflow.engine.training import training_precision
 
 STEPS = ("features", "stage1", "stage2", "stage3", "stage4", "ensemble")
 SCORING_SHAPES = (("cnn", 0.125), ("cnn", 0.25), ("cnn", 1.0), ("vgg16", 1.0))
