@@ -34,7 +34,7 @@ from fat_mlflow.data.audio import load_audio
 from fat_mlflow.data.features import BadAudioError, FeatureCache, store_folder
 from fat_mlflow.data.layout import dataset_fingerprint, load_dataset
 from fat_mlflow.data.store import INDEX_FILE, FeatureStore
-from fat_mlflow.serving.ensemble import build_ensemble
+from fat_mlflow.serving.ensemble import build_and_register, build_ensemble
 from fat_mlflow.warmup.featurize import run_features
 from fat_mlflow.warmup.pipeline import PipelineRequest, run_or_reuse, run_pipeline
 from fat_mlflow.warmup.stage_inputs import StageRequest
@@ -224,7 +224,7 @@ def test_the_pipeline_stops_on_bad_audio_before_any_stage(bad_data, tracking, tm
     root, bad = bad_data
     with pytest.raises(BadAudioError, match="--bad-audio skip") as info:
         run_pipeline(PipelineRequest(data=root, profile=get_profile("tiny", EPOCHS),
-                                     archs=["cnn"], progress=False))
+                                     archs=["cnn"], progress=False), build_and_register)
     assert sorted(info.value.failures) == sorted(bad)
     stages = mlflow.search_runs(search_all_experiments=True,
                                 filter_string="tags.`fat.stage` LIKE 'stage%'")
