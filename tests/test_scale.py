@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import soundfile as sf
 from mlflow.tracking import MlflowClient
 
 from fat_mlflow.config import RehearsalConfig
@@ -52,6 +53,8 @@ def test_rehearsal_has_fat2019s_layout_classes_and_label_noise(rehearsal: Path):
     assert 0.08 < np.mean([len(labels) == 2 for labels in labelled]) < 0.22
     for labels in labelled:  # a pair is a class of its own: never two labels of one clip
         assert not any(pair <= set(labels) for pair in pairs)
+    for clip in (rehearsal / "train_curated").iterdir():  # never rounded to digital silence
+        assert np.abs(sf.read(clip)[0]).max() >= 0.29
 
 
 def test_no_test_recording_is_heard_in_training(esc50_dir: Path):

@@ -65,7 +65,7 @@ CUT_SECONDS = (0.5, 5.0)  # lengths of the pieces a class's track is cut into
 PIECE_GAIN = (0.6, 1.0)
 MIX_GAIN = (0.5, 1.0)
 FADE_SECONDS = 0.005
-PEAK_LIMIT = 0.99
+PEAK_RANGE = (0.3, 0.99)  # every clip is scaled to a random peak level in this range
 TRIM_TOP_DB = FeatureConfig().top_db
 SECOND_LABEL_TRIES = 50
 CHUNK_CLIPS = 16  # clips per task handed to a worker
@@ -293,9 +293,8 @@ def _render_clip(task: tuple) -> None:
     for parts in classes:
         for name in parts:
             mix += rng.uniform(*MIX_GAIN) * _track(_POOLS[pool][name], length, rng)
-    peak = float(np.max(np.abs(mix)))
-    if peak > PEAK_LIMIT:
-        mix *= PEAK_LIMIT / peak
+    mix *= rng.uniform(*PEAK_RANGE) / float(np.max(np.abs(mix)))  # a short quiet cut
+    # would otherwise round to digital silence in 16 bits
     temporary = f"{path}.tmp"
     sf.write(temporary, mix, SAMPLE_RATE, format="FLAC", subtype="PCM_16")
     os.replace(temporary, path)
@@ -312,6 +311,8 @@ def _track(sources: list[np.ndarray], length: int, rng: np.random.Generator) -> 
                           int(rng.uniform(*CUT_SECONDS) * SAMPLE_RATE)))
         start = int(rng.integers(0, wave.size - size + 1))
         piece = wave[start:start + size] * np.float32(rng.uniform(*PIECE_GAIN))
+        if not np.any(piece):
+            continue  # digital silence inside a clip: cut elsewhere
         fade = min(int(FADE_SECONDS * SAMPLE_RATE), size // 2)
         if fade:
             ramp = np.linspace(0, 1, fade, dtype=np.float32)
