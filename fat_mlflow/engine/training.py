@@ -6,7 +6,7 @@ decides what to record, so the engine also runs on machines without MLflow.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +20,7 @@ from fat_mlflow.engine.dataset import training_batches
 from fat_mlflow.engine.metrics import lwlrap
 from fat_mlflow.engine.precision import Precision, resolve_precision
 from fat_mlflow.engine.predict import predict_spectrograms
+from fat_mlflow.engine.spectrograms import Spectrograms
 
 
 @dataclass(frozen=True)
@@ -52,9 +53,9 @@ def steps_per_epoch(n_clips: int, batch_size: int) -> int:
 
 def train_fold(
     model: nn.Module,
-    train_specs: Sequence[np.ndarray],
+    train_specs: Spectrograms,
     train_targets: np.ndarray,
-    val_specs: Sequence[np.ndarray],
+    val_specs: Spectrograms,
     val_targets: np.ndarray,
     cfg: TrainConfig,
     augment: AugmentConfig,
@@ -142,7 +143,7 @@ def augmented_step(
 
 def evaluate(
     model: nn.Module,
-    specs: Sequence[np.ndarray],
+    specs: Spectrograms,
     targets: np.ndarray,
     cfg: TrainConfig,
     precision: Precision,
