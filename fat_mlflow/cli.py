@@ -5,6 +5,7 @@ MLproject entry points call these commands, so `mlflow run . -e stage1 -P ...` a
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import click
@@ -275,13 +276,22 @@ def pipeline(data, profile, overrides, seed, cache_dir, archs, esc50, registered
                               warm_start=warm_start, fold_jobs=fold_jobs)
     parent_id, table = run_pipeline(request)
     columns = [c for c in ("model", "lwlrap_noisy", "lwlrap_curated", "lwlrap_test",
-                           "selected_clips", "selection_precision", "noisy_base_rate")
+                           "selected_clips", "selection_precision", "noisy_base_rate",
+                           "minutes", "non_training_share")
                if c in table]
-    click.echo(f"\npipeline run {parent_id}: stage report (the seed's Table 2 on this data)")
+    click.echo(f"\npipeline run {parent_id}: stage report (the seed's Table 2 on this data; "
+               "minutes of each stage, and the share of them that is not training steps)")
     report = with_floor_rows(table)[columns]
     click.echo(report.to_string(index=False, na_rep="-", float_format=lambda v: f"{v:.3f}",
-                                formatters={"selected_clips": "{:.0f}".format}))
+                                formatters={"selected_clips": _number("{:.0f}"),
+                                            "minutes": _number("{:.1f}"),
+                                            "non_training_share": _number("{:.0%}")}))
     click.echo(floor_verdict(table.iloc[-1]))
+
+
+def _number(form: str):
+    """A report column's formatter that leaves a missing figure as '-'."""
+    return lambda value: "-" if math.isnan(value) else form.format(value)
 
 
 # --- ensemble and serving commands (fat_mlflow.ensemble / fat_mlflow.tagger) below ---
@@ -493,7 +503,9 @@ def study(profile, overrides, cache_dir, seeds, budgets, curated, out_dir, esc50
 
 @main.command()
 @click.option("--only", default="features,training,inference", show_default=True,
-              help="Comma-separated benchmarks to run.")
+              help="Comma-separated benchmarks to run, of features, training, inference and "
+                   "pipeline (the main job timed with train.amp=false and by default, each "
+                   "stage's share that is not training steps: about 25 minutes on 2 cores).")
 @click.option("--profile", "size", type=click.Choice(list(BENCHMARK_PROFILES)),
               default="standard", show_default=True,
               help="Benchmark size: 'tiny' = seconds (tests), 'standard' = a few minutes on "
@@ -515,7 +527,8 @@ def benchmark(only: str, size: str, repeats: int, data: str, esc50: str, model_u
               out: Path) -> None:
     """Speed benchmarks, each against a baseline measured in the same run: features (cache vs a
     librosa loop), training (float32 and bf16 samples/s vs both matmul peaks), inference (the
-    served ensemble vs eager float32). Each result is an MLflow run; the tables go to --out."""
+    served ensemble vs eager float32), pipeline (the main job by default vs float32). Each
+    result is an MLflow run; the tables go to --out."""
     from fat_mlflow.benchmarks.report import BenchmarkRequest, run_benchmarks
 
     try:

@@ -28,6 +28,12 @@ def random_crop(spec: np.ndarray, frames: int, rng: np.random.Generator) -> np.n
     return spec[:, start : start + frames]
 
 
+def centre_window(spec: np.ndarray, frames: int) -> np.ndarray:
+    """The `frames`-wide excerpt in the middle of a clip (the cache guarantees `frames`)."""
+    start = (spec.shape[1] - frames) // 2
+    return spec[:, start : start + frames]
+
+
 def window_starts(n_frames: int, window: int, step: int) -> np.ndarray:
     """Start frames of the sliding inference windows (the seed's test-time shifts)."""
     if n_frames < window:

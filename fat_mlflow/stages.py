@@ -55,7 +55,9 @@ from fat_mlflow.tracking import (
     log_dataset_inputs,
     log_table,
     read_table,
+    stage_time_metrics,
 )
+from fat_mlflow.timing import PhaseClock
 from fat_mlflow.training import resolve_device, training_precision
 
 STAGES = ("stage1", "stage2", "stage3", "stage4")
@@ -318,8 +320,10 @@ def run_stage(request: StageRequest) -> str:
     `request.resume_run_id` (or prepares a new one), trains only those folds in a child run
     of it and leaves the completion to `gather_stage`.
     """
-    data, folds = _load(request)
-    selection = select_noisy(request, data)
+    clock = PhaseClock()
+    with clock.phase("loading"):
+        data, folds = _load(request)
+        selection = select_noisy(request, data)
     if selection is not None:
         click.echo(selection_summary(request, selection))
     if request.folds is not None and request.resume_run_id:  # a job joining its stage run
@@ -332,7 +336,7 @@ def run_stage(request: StageRequest) -> str:
             _log_inputs(request, data, folds, selection)
         if request.folds is None:
             _complete(_train_folds(request, data, selection, run_id), data,
-                      request.profile.train.n_folds)
+                      request.profile.train.n_folds, clock)
         elif request.folds:
             _fold_job(request, data, selection, run_id)
     return run_id
@@ -379,8 +383,12 @@ def _fold_job(request: StageRequest, data: StageData, selection: pd.DataFrame | 
         _train_folds(request, data, selection, stage_run_id, request.folds)
 
 
-def _complete(result: CrossValResult, data: StageData, n_folds: int) -> None:
-    _log_outputs(result, data, data.dataset.vocabulary, n_folds)
+def _complete(result: CrossValResult, data: StageData, n_folds: int, clock: PhaseClock) -> None:
+    """Log the stage's outputs and where its time went, then mark it complete."""
+    with clock.phase("outputs"):
+        _log_outputs(result, data, data.dataset.vocabulary, n_folds)
+    metrics = get_run(mlflow.active_run().info.run_id).data.metrics
+    mlflow.log_metrics(stage_time_metrics(metrics, clock.seconds))
     mlflow.set_tag(TAG_COMPLETE, "true")
 
 
@@ -394,10 +402,12 @@ def gather_stage(run_id: str, data: Path | None = None, cache_dir: Path | None =
     """
     configure_tracking()
     request = _request_from_run(get_run(run_id), data, cache_dir, progress)
-    stage_data, _ = _load(request)
-    cfg = request.profile.train
-    vocabulary = stage_data.dataset.vocabulary
-    results = MlflowFoldStore(run_id, cfg.arch, cfg.width, len(vocabulary)).finished_folds()
+    clock = PhaseClock()
+    with clock.phase("loading"):
+        stage_data, _ = _load(request)
+        cfg = request.profile.train
+        vocabulary = stage_data.dataset.vocabulary
+        results = MlflowFoldStore(run_id, cfg.arch, cfg.width, len(vocabulary)).finished_folds()
     missing = [fold for fold in range(cfg.n_folds) if fold not in results]
     if missing:
         raise RunLookupError(
@@ -408,7 +418,7 @@ def gather_stage(run_id: str, data: Path | None = None, cache_dir: Path | None =
             f"{format_folds(missing)} ...` (or wait for the job that runs them)")
     with _start_run(request):
         _complete(assemble(stage_data.sets, results, vocabulary, stage_data.test), stage_data,
-                  cfg.n_folds)
+                  cfg.n_folds, clock)
     return run_id
 
 
