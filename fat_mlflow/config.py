@@ -76,7 +76,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """How the demo dataset is cut from the ESC-50 clips (fat_mlflow.demo).
+    """How the demo dataset is cut from the ESC-50 clips (fat_mlflow.data.demo).
 
     Only classes with enough recordings take part: 29 of the 50 classes in this project's copy
     have 8-10 clips, about 3 curated clips each, too few for any network to learn them (the

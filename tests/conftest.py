@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from fat_mlflow.demo import build_demo_dataset
+from fat_mlflow.data.demo import build_demo_dataset
 
 DEMO_SCALE = 0.15  # ~70 curated, ~120 noisy, ~50 test clips; builds in a few seconds
 
@@ -111,13 +111,14 @@ class TinyChain:
 @pytest.fixture(scope="session")
 def tiny_chain(demo_data: Path, tmp_path_factory: pytest.TempPathFactory) -> TinyChain:
     from fat_mlflow.config import get_profile
-    from fat_mlflow.pipeline import PipelineRequest, run_pipeline
+    from fat_mlflow.serving.ensemble import build_and_register
+    from fat_mlflow.warmup.pipeline import PipelineRequest, run_pipeline
 
     root = tmp_path_factory.mktemp("chain")
     request = PipelineRequest(data=demo_data, profile=get_profile("tiny"), archs=["cnn"],
                               esc50=Path("unused"), threshold=0.0, progress=False)
     with isolated_tracking(root) as uri:
-        parent, table = run_pipeline(request)
+        parent, table = run_pipeline(request, build_and_register)
     runs = dict(zip(table["stage"], table["run_id"]))
     return TinyChain(root, uri, demo_data, parent, runs, table)
 
@@ -140,8 +141,9 @@ def registered_tagger(demo_data: Path, tmp_path_factory: pytest.TempPathFactory)
     score. Built without `data`: test_ensemble.py covers the scoring; the input example comes
     from the dataset recorded on the stage run."""
     from fat_mlflow.config import get_profile
-    from fat_mlflow.ensemble import build_ensemble
-    from fat_mlflow.stages import StageRequest, run_stage
+    from fat_mlflow.serving.ensemble import build_ensemble
+    from fat_mlflow.warmup.stage_inputs import StageRequest
+    from fat_mlflow.warmup.stages import run_stage
 
     name = "fat2019-tagger-served"
     root = tmp_path_factory.mktemp("served-store")

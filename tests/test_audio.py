@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import soundfile as sf
 
-from fat_mlflow.audio import AudioError, decode_audio_bytes, load_audio
+from fat_mlflow.data.audio import AudioError, decode_audio_bytes, load_audio
 
 SR = 44_100
 

@@ -6,7 +6,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from fat_mlflow.augment import (
+from fat_mlflow.config import AugmentConfig
+from fat_mlflow.engine.augment import (
     apply_specmix,
     build_batch_augment,
     draw_specmix,
@@ -15,7 +16,6 @@ from fat_mlflow.augment import (
     specmix,
     zoom_crop,
 )
-from fat_mlflow.config import AugmentConfig
 
 B, C, H, W = 24, 3, 128, 96
 

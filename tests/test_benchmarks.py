@@ -20,9 +20,9 @@ from mlflow.tracking import MlflowClient
 from fat_mlflow.benchmarks.training import CONFIGS as TRAINING_CONFIGS
 from fat_mlflow.cli import main
 from fat_mlflow.config import PROFILES
-from fat_mlflow.models import build_model, flops_per_sample
-from fat_mlflow.precision import bf16_units
-from fat_mlflow.tracking import DEFAULT_EXPERIMENT
+from fat_mlflow.engine.models import build_model, flops_per_sample
+from fat_mlflow.engine.precision import bf16_units
+from fat_mlflow.warmup.tracking import DEFAULT_EXPERIMENT
 
 REPO = Path(__file__).resolve().parents[1]
 

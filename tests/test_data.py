@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 import soundfile as sf
 
-from fat_mlflow.audio import load_audio
-from fat_mlflow.data import DataLayoutError, dataset_fingerprint, load_dataset
+from fat_mlflow.data.audio import load_audio
+from fat_mlflow.data.layout import DataLayoutError, dataset_fingerprint, load_dataset
 
 VOCAB = ["Purr", "Bark", "NA"]  # not sorted on purpose; "NA" must stay a class, not a missing value
 

@@ -9,10 +9,10 @@ import pandas as pd
 import pytest
 import soundfile as sf
 
-from fat_mlflow.data import load_dataset
 from fat_mlflow.config import DemoConfig
-from fat_mlflow.demo import build_demo_dataset, demo_clip_names
-from fat_mlflow.esc50 import Esc50Error
+from fat_mlflow.data.demo import build_demo_dataset, demo_clip_names
+from fat_mlflow.data.esc50 import Esc50Error
+from fat_mlflow.data.layout import load_dataset
 
 
 def file_hashes(root: Path) -> dict[str, str]:

@@ -5,17 +5,17 @@ import pytest
 import torch
 
 from fat_mlflow.config import get_profile
-from fat_mlflow.crossval import ClipSet, run_cross_validation
-from fat_mlflow.dataset import (
+from fat_mlflow.engine.crossval import ClipSet, run_cross_validation
+from fat_mlflow.engine.dataset import (
     centre_window,
     to_network_input,
     training_batches,
     window_starts,
 )
-from fat_mlflow.folds import assign_folds, folds_for, stratified_folds
-from fat_mlflow.models import build_model
-from fat_mlflow.predict import predict_spectrograms
-from fat_mlflow.training import steps_per_epoch
+from fat_mlflow.engine.folds import assign_folds, folds_for, stratified_folds
+from fat_mlflow.engine.models import build_model
+from fat_mlflow.engine.predict import predict_spectrograms
+from fat_mlflow.engine.training import steps_per_epoch
 
 
 def test_network_input_is_standardised_per_image_and_three_channels():

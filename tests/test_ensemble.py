@@ -20,16 +20,20 @@ from mlflow.tracking import MlflowClient
 from packaging.requirements import Requirement
 
 import fat_mlflow
-
-from fat_mlflow.baseline import floor_test_lwlrap
 from fat_mlflow.cli import main
 from fat_mlflow.config import get_profile
-from fat_mlflow.data import dataset_fingerprint, load_dataset
-from fat_mlflow.ensemble import VersionScore, build_ensemble, takes_alias
-from fat_mlflow.metrics import lwlrap
-from fat_mlflow.models import build_model, save_checkpoint
-from fat_mlflow.pipeline import floor_verdict, with_floor_rows
-from fat_mlflow.tracking import RunLookupError
+from fat_mlflow.data.layout import dataset_fingerprint, load_dataset
+from fat_mlflow.engine.metrics import lwlrap
+from fat_mlflow.engine.models import build_model, save_checkpoint
+from fat_mlflow.serving.baseline import floor_test_lwlrap
+from fat_mlflow.serving.ensemble import (
+    VersionScore,
+    build_ensemble,
+    floor_verdict,
+    takes_alias,
+    with_floor_rows,
+)
+from fat_mlflow.warmup.tracking import RunLookupError
 
 MODEL = "fat2019-tagger-test"
 N_TEST = 12

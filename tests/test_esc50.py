@@ -26,9 +26,9 @@ import pandas as pd
 import pytest
 import soundfile as sf
 
-from fat_mlflow.data import load_dataset
-from fat_mlflow.demo import build_demo_dataset, demo_clip_names
-from fat_mlflow.esc50 import Esc50Error, fetch_esc50
+from fat_mlflow.data.demo import build_demo_dataset, demo_clip_names
+from fat_mlflow.data.esc50 import Esc50Error, fetch_esc50
+from fat_mlflow.data.layout import load_dataset
 
 CLIP_SECONDS = 0.2
 EXTRA_CLIPS = 6  # clips of the archive that the demo manifest leaves out
@@ -315,7 +315,7 @@ def test_a_missing_esc50_folder_is_a_clean_error(fresh_clone, tmp_path):
 ENSURE_DEMO = """
 import sys
 from pathlib import Path
-from fat_mlflow.pipeline import ensure_demo_data
+from fat_mlflow.warmup.pipeline import ensure_demo_data
 ensure_demo_data(Path("demo_data"))
 print("demo ready")
 """

@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 import soundfile as sf
 
-from fat_mlflow.audio import AudioError, load_audio
 from fat_mlflow.config import FeatureConfig
-from fat_mlflow.features import FeatureCache, _atomic_write, default_cache_root, log_mel
+from fat_mlflow.data.audio import AudioError, load_audio
+from fat_mlflow.data.features import FeatureCache, _atomic_write, default_cache_root, log_mel
 
 CFG = FeatureConfig()
 

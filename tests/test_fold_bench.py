@@ -12,8 +12,8 @@ import torch
 
 from fat_mlflow.benchmarks.fold import load_pack, pack
 from fat_mlflow.config import get_profile
-from fat_mlflow.data import load_dataset
-from fat_mlflow.precision import bf16_units
+from fat_mlflow.data.layout import load_dataset
+from fat_mlflow.engine.precision import bf16_units
 
 # What the GPU machine lacks, made unimportable in the child process.
 WITHOUT_TRACKING = ("import runpy, sys\n"

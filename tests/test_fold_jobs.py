@@ -23,8 +23,8 @@ from mlflow.tracking import MlflowClient
 
 from fat_mlflow.cli import main
 from fat_mlflow.config import get_profile
-from fat_mlflow.data import dataset_fingerprint, load_dataset
-from fat_mlflow.pipeline import (
+from fat_mlflow.data.layout import dataset_fingerprint, load_dataset
+from fat_mlflow.warmup.pipeline import (
     TAG_INPUTS,
     FoldJobError,
     fold_job_environments,
@@ -32,7 +32,8 @@ from fat_mlflow.pipeline import (
     run_or_reuse,
     threads_per_job,
 )
-from fat_mlflow.stages import FOLD_JOB, StageRequest, format_folds, parse_folds, run_stage
+from fat_mlflow.warmup.stage_inputs import StageRequest, format_folds, parse_folds
+from fat_mlflow.warmup.stages import FOLD_JOB, run_stage
 
 PINNED = {"train.num_threads": "1", "train.epochs": "1"}
 CLI_STAGE1 = ["stage1", "--profile", "tiny", "--set", "train.num_threads=1 train.epochs=1"]

@@ -204,11 +204,11 @@ def test_job_command_runs_the_stage_into_the_run_mlflow_created(tracking, demo_d
 
 
 def test_dockerignore_keeps_local_state_out_of_the_build_context(tmp_path):
-    kept = ["pyproject.toml", "constraints.txt", "README.md", "fat_mlflow/cli.py", "kubernetes/run-entry-point",
-            "Dockerfile"]
+    kept = ["pyproject.toml", "constraints.txt", "README.md", "fat_mlflow/cli/__init__.py",
+            "kubernetes/run-entry-point", "Dockerfile"]
     ignored = [".git/HEAD", "mlruns/0/meta.yaml", "mlartifacts/1/a.npz", "mlflow.db",
                "demo_data/train_curated.csv", ".fat_cache/abc/clip.npy",
-               "fat_mlflow/__pycache__/cli.cpython-311.pyc", ".pytest_cache/README.md",
+               "fat_mlflow/cli/__pycache__/errors.cpython-311.pyc", ".pytest_cache/README.md",
                ".benchmarks/run.json", "fat_mlflow.egg-info/PKG-INFO",
                "notebooks/.ipynb_checkpoints/a.ipynb", "model.pt"]
     for name in kept + ignored:

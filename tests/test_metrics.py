@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import label_ranking_average_precision_score
 
-from fat_mlflow.metrics import lwlrap, per_class_lwlrap, per_sample_lwlrap
+from fat_mlflow.engine.metrics import lwlrap, per_class_lwlrap, per_sample_lwlrap
 
 
 def reference_precisions(truth: np.ndarray, scores: np.ndarray) -> np.ndarray:

@@ -7,7 +7,7 @@ from pathlib import Path
 import yaml
 from mlflow.tracking import MlflowClient
 
-from fat_mlflow.tracking import DEFAULT_EXPERIMENT
+from fat_mlflow.warmup.tracking import DEFAULT_EXPERIMENT
 
 REPO = Path(__file__).resolve().parents[1]
 

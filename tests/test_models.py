@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fat_mlflow.models import (
+from fat_mlflow.engine.models import (
     ARCHITECTURES,
     build_model,
     count_parameters,

@@ -7,10 +7,11 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from fat_mlflow.config import DemoConfig, get_profile
-from fat_mlflow.data import dataset_fingerprint, load_dataset
-from fat_mlflow.demo import DemoExistsError
-from fat_mlflow.pipeline import PipelineRequest, ensure_demo_data, run_pipeline
-from fat_mlflow.tracking import DEFAULT_EXPERIMENT
+from fat_mlflow.data.demo import DemoExistsError
+from fat_mlflow.data.layout import dataset_fingerprint, load_dataset
+from fat_mlflow.serving.ensemble import build_and_register
+from fat_mlflow.warmup.pipeline import PipelineRequest, ensure_demo_data, run_pipeline
+from fat_mlflow.warmup.tracking import DEFAULT_EXPERIMENT
 
 
 def experiment_id() -> str:
@@ -52,7 +53,7 @@ def test_rerun_reuses_finished_stages_and_resumes_an_unfinished_one(tiny_chain):
         stage4 = tiny_chain.runs["stage4"]
         client.set_tag(stage4, "fat.complete", "false")  # as if it had been interrupted
         n_runs = len(client.search_runs([experiment_id()]))
-        _, table = run_pipeline(request)
+        _, table = run_pipeline(request, build_and_register)
         again = dict(zip(table["stage"], table["run_id"]))
         for stage in ("stage1", "stage2", "stage3", "stage4"):
             assert again[stage] == tiny_chain.runs[stage]

@@ -8,20 +8,20 @@ import pytest
 import torch
 from torch import nn
 
-from fat_mlflow.audio import load_audio
-from fat_mlflow.augment import build_batch_augment
 from fat_mlflow.config import AugmentConfig, FeatureConfig
-from fat_mlflow.dataset import training_batches
-from fat_mlflow.features import log_mel
-from fat_mlflow.models import build_model
-from fat_mlflow.predict import predict_spectrograms
-from fat_mlflow.precision import (
+from fat_mlflow.data.audio import load_audio
+from fat_mlflow.data.features import log_mel
+from fat_mlflow.engine.augment import build_batch_augment
+from fat_mlflow.engine.dataset import training_batches
+from fat_mlflow.engine.models import build_model
+from fat_mlflow.engine.precision import (
     CPU_CHANNELS_LAST_MIN_CHANNELS,
     Precision,
     bf16_units,
     resolve_precision,
 )
-from fat_mlflow.training import augmented_step
+from fat_mlflow.engine.predict import predict_spectrograms
+from fat_mlflow.engine.training import augmented_step
 
 CPU = torch.device("cpu")
 N_CLASSES = 10

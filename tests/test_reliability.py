@@ -27,15 +27,16 @@ import soundfile as sf
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
-from fat_mlflow.audio import load_audio
 from fat_mlflow.cli import main
 from fat_mlflow.config import FeatureConfig, get_profile
-from fat_mlflow.data import dataset_fingerprint, load_dataset
-from fat_mlflow.features import BadAudioError, FeatureCache
-from fat_mlflow.featurize import run_features
-from fat_mlflow.pipeline import run_or_reuse
-from fat_mlflow.stages import StageRequest, run_stage
-from fat_mlflow.tracking import MlflowFoldStore, configure_tracking
+from fat_mlflow.data.audio import load_audio
+from fat_mlflow.data.features import BadAudioError, FeatureCache
+from fat_mlflow.data.layout import dataset_fingerprint, load_dataset
+from fat_mlflow.warmup.featurize import run_features
+from fat_mlflow.warmup.pipeline import run_or_reuse
+from fat_mlflow.warmup.stage_inputs import StageRequest
+from fat_mlflow.warmup.stages import run_stage
+from fat_mlflow.warmup.tracking import MlflowFoldStore, configure_tracking
 
 SR = 44_100
 EPOCHS = {"train.epochs": "1"}

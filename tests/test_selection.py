@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fat_mlflow.selection import (
+from fat_mlflow.warmup.selection import (
     SELECTION_COLUMNS,
     cap_per_label_per_fold,
     label_counts,

@@ -20,9 +20,9 @@ from click.testing import CliRunner
 
 from fat_mlflow.benchmarks.serving import served
 from fat_mlflow.cli import main
-from fat_mlflow.data import load_dataset
-from fat_mlflow.precision import bf16_units
-from fat_mlflow.tagger import (
+from fat_mlflow.data.layout import load_dataset
+from fat_mlflow.engine.precision import bf16_units
+from fat_mlflow.serving.tagger import (
     AMP_ENV,
     AUDIO_ROOT_ENV,
     PATH_OUTSIDE,

@@ -1,6 +1,6 @@
 """Batch scoring on a local Spark session: the registered tagger through `mlflow.pyfunc.spark_udf`
 with the result type inferred from its signature, and the docs/spark.md recipe
-(`python -m fat_mlflow.spark`) as written, on real clips: the same scores as in process."""
+(`python -m fat_mlflow.serving.spark`) as written, on real clips: the same scores as in process."""
 from __future__ import annotations
 
 import base64
@@ -21,9 +21,9 @@ pytest.importorskip("pyspark", reason="pyspark not installed: pip install -e '.[
 import mlflow  # noqa: E402
 from pyspark.sql import SparkSession  # noqa: E402
 
-from fat_mlflow import spark as spark_scoring  # noqa: E402
-from fat_mlflow.data import load_dataset  # noqa: E402
-from fat_mlflow.tagger import PATH_OUTSIDE, load_local_model  # noqa: E402
+from fat_mlflow.data.layout import load_dataset  # noqa: E402
+from fat_mlflow.serving import spark as spark_scoring  # noqa: E402
+from fat_mlflow.serving.tagger import PATH_OUTSIDE, load_local_model  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -64,8 +64,8 @@ def folder(demo_data, tmp_path_factory) -> Path:
 
 
 def _run_recipe(monkeypatch, *args: str) -> None:
-    """`python -m fat_mlflow.spark ARGS` in this process (it reuses the running session)."""
-    monkeypatch.setattr(sys, "argv", ["fat_mlflow.spark", *args])
+    """`python -m fat_mlflow.serving.spark ARGS` in this process (it reuses the running session)."""
+    monkeypatch.setattr(sys, "argv", ["fat_mlflow.serving.spark", *args])
     spark_scoring.main()
 
 

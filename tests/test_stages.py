@@ -6,11 +6,12 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from fat_mlflow.config import get_profile
-from fat_mlflow.crossval import ClipSet
-from fat_mlflow.data import load_dataset
-from fat_mlflow.selection import SELECTION_COLUMNS
-from fat_mlflow.stages import StageRequest, run_stage, selection_summary, training_masks
-from fat_mlflow.tracking import RunLookupError
+from fat_mlflow.data.layout import load_dataset
+from fat_mlflow.engine.crossval import ClipSet
+from fat_mlflow.warmup.selection import SELECTION_COLUMNS
+from fat_mlflow.warmup.stage_inputs import StageRequest
+from fat_mlflow.warmup.stages import run_stage, selection_summary, training_masks
+from fat_mlflow.warmup.tracking import RunLookupError
 
 
 def artifact_paths(client, run_id, path=None):
@@ -100,7 +101,7 @@ def test_wrong_run_ids_get_specific_errors(tiny_chain, change, message):
 
 
 def test_run_from_another_dataset_is_refused(tiny_chain, esc50_dir, tmp_path):
-    from fat_mlflow.demo import build_demo_dataset
+    from fat_mlflow.data.demo import build_demo_dataset
 
     other = tmp_path / "other"
     build_demo_dataset(esc50_dir, other, seed=1, scale=0.05)

@@ -8,8 +8,8 @@ from click.testing import CliRunner
 
 from fat_mlflow.cli import main
 from fat_mlflow.config import get_profile
-from fat_mlflow.data import load_dataset
-from fat_mlflow.study import StudyRequest, crossing, run_study
+from fat_mlflow.data.layout import load_dataset
+from fat_mlflow.experiments.study import StudyRequest, crossing, run_study
 
 
 def test_crossing_interpolates_where_the_cnn_passes_the_floor():

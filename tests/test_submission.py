@@ -21,9 +21,9 @@ import pandas as pd
 import pytest
 import soundfile as sf
 
-from fat_mlflow.audio import load_audio
-from fat_mlflow.submission import score_files
-from fat_mlflow.tagger import load_local_model
+from fat_mlflow.data.audio import load_audio
+from fat_mlflow.serving.submission import score_files
+from fat_mlflow.serving.tagger import load_local_model
 
 SR = 44_100
 MODEL = "models:/fat2019-tagger@champion"

@@ -15,12 +15,12 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.types.schema import DataType
 
-from fat_mlflow.audio import AudioError, load_audio
 from fat_mlflow.config import FeatureConfig, ServingConfig
-from fat_mlflow.features import log_mel
-from fat_mlflow.models import build_model, load_checkpoint, save_checkpoint
-from fat_mlflow.predict import predict_spectrograms
-from fat_mlflow.tagger import (
+from fat_mlflow.data.audio import AudioError, load_audio
+from fat_mlflow.data.features import log_mel
+from fat_mlflow.engine.models import build_model, load_checkpoint, save_checkpoint
+from fat_mlflow.engine.predict import predict_spectrograms
+from fat_mlflow.serving.tagger import (
     AUDIO_ROOT_CONFIG,
     PATH_OUTSIDE,
     PATHS_OFF,

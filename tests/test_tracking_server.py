@@ -23,10 +23,10 @@ from mlflow.entities import Run, ViewType
 from mlflow.tracking import MlflowClient
 from servers import Database, PostgresUnavailable, mlflow_tracking_server, postgres_database
 
-from fat_mlflow.data import load_dataset
-from fat_mlflow.models import load_checkpoint
-from fat_mlflow.tagger import ERROR_COLUMN, TOP_LABELS_COLUMN, load_local_model
-from fat_mlflow.tracking import DEFAULT_EXPERIMENT, configure_tracking
+from fat_mlflow.data.layout import load_dataset
+from fat_mlflow.engine.models import load_checkpoint
+from fat_mlflow.serving.tagger import ERROR_COLUMN, TOP_LABELS_COLUMN, load_local_model
+from fat_mlflow.warmup.tracking import DEFAULT_EXPERIMENT, configure_tracking
 
 pytestmark = pytest.mark.slow
 

@@ -2,7 +2,7 @@
 with `python -m fat_mlflow.benchmarks.{features,training,serving,pipeline}`.
 
 The sizes live here, free of heavy imports, so the CLI can offer them as choices without
-loading torch.
+loading torch. Only `cli` sits above this package; `fold` and `training` run without MLflow.
 """
 from __future__ import annotations
 

@@ -23,9 +23,9 @@ from threadpoolctl import threadpool_limits
 from fat_mlflow.benchmarks import BENCHMARK_PROFILES
 from fat_mlflow.benchmarks.common import Result, Table, machine_facts, median, passes, timed
 from fat_mlflow.config import FeatureConfig
-from fat_mlflow.data import DataLayoutError, load_dataset
-from fat_mlflow.esc50 import META, SOURCES_HELP, locate_esc50
-from fat_mlflow.features import BadAudioError, FeatureCache, log_mel
+from fat_mlflow.data.esc50 import META, SOURCES_HELP, locate_esc50
+from fat_mlflow.data.features import BadAudioError, FeatureCache, log_mel
+from fat_mlflow.data.layout import DataLayoutError, load_dataset
 
 COLUMNS = (("seconds", "s"), ("clips_per_s", "clips/s"), ("x_realtime", "x realtime"),
            ("speed_vs_baseline", "speed vs baseline (x)"))

@@ -22,12 +22,12 @@ import torch
 from torch import nn
 
 from fat_mlflow.config import Profile, get_profile, parse_overrides
-from fat_mlflow.crossval import ClipSet, FoldResult, run_cross_validation
-from fat_mlflow.metrics import lwlrap
-from fat_mlflow.models import build_model, flops_per_sample
-from fat_mlflow.predict import predict_spectrograms
-from fat_mlflow.precision import resolve_precision
-from fat_mlflow.training import EpochLog, resolve_device, training_precision
+from fat_mlflow.engine.crossval import ClipSet, FoldResult, run_cross_validation
+from fat_mlflow.engine.metrics import lwlrap
+from fat_mlflow.engine.models import build_model, flops_per_sample
+from fat_mlflow.engine.precision import resolve_precision
+from fat_mlflow.engine.predict import predict_spectrograms
+from fat_mlflow.engine.training import EpochLog, resolve_device, training_precision
 
 
 @dataclass
@@ -66,9 +66,9 @@ def pack(data: Path, out: Path, profile: Profile, cache_dir: Path | None,
     `max_frames` keeps the head of longer clips, to fit a size limit on the copy to a
     benchmark machine (training only ever sees random crops of `crop_frames` anyway).
     """
-    from fat_mlflow.data import load_dataset
-    from fat_mlflow.features import BadAudioError, FeatureCache
-    from fat_mlflow.folds import stratified_folds
+    from fat_mlflow.data.features import BadAudioError, FeatureCache
+    from fat_mlflow.data.layout import load_dataset
+    from fat_mlflow.engine.folds import stratified_folds
 
     dataset = load_dataset(data)
     frames = {"train": dataset.noisy if split == "noisy" else dataset.curated}

@@ -30,12 +30,12 @@ from mlflow.tracking import MlflowClient
 from fat_mlflow.benchmarks import BENCHMARK_PROFILES, BenchmarkProfile
 from fat_mlflow.benchmarks.common import ParamValue, Result, Table, machine_facts
 from fat_mlflow.config import get_profile, parse_overrides
-from fat_mlflow.demo import SUMMARY_FILE
-from fat_mlflow.esc50 import SOURCES_HELP
-from fat_mlflow.pipeline import DEMO_DIR, JOB_ENTRY, LOG_TAIL_CHARS, ensure_demo_data
-from fat_mlflow.precision import bf16_units
-from fat_mlflow.stages import STAGES
-from fat_mlflow.tracking import TAG_STAGE
+from fat_mlflow.data.demo import SUMMARY_FILE
+from fat_mlflow.data.esc50 import SOURCES_HELP
+from fat_mlflow.engine.precision import bf16_units
+from fat_mlflow.warmup.pipeline import DEMO_DIR, JOB_ENTRY, LOG_TAIL_CHARS, ensure_demo_data
+from fat_mlflow.warmup.stage_inputs import STAGES
+from fat_mlflow.warmup.tracking import TAG_STAGE
 
 COLUMNS = (("minutes", "wall min"), ("cpu_minutes", "CPU min"),
            ("non_training_share", "not training steps"), ("lwlrap_test", "test lwlrap"),

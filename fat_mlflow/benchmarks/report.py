@@ -20,9 +20,9 @@ from fat_mlflow.benchmarks import serving as serving_bench
 from fat_mlflow.benchmarks import training as training_bench
 from fat_mlflow.benchmarks.common import Table, machine_facts
 from fat_mlflow.config import FeatureConfig
-from fat_mlflow.features import BadAudioError, FeatureCache
-from fat_mlflow.tracking import TAG_STAGE, configure_tracking
-from fat_mlflow.training import resolve_device
+from fat_mlflow.data.features import BadAudioError, FeatureCache
+from fat_mlflow.engine.training import resolve_device
+from fat_mlflow.warmup.tracking import TAG_STAGE, configure_tracking
 
 BENCHMARKS = ("features", "training", "inference", "pipeline")
 # what runs unless asked: `pipeline` trains two whole main jobs (about 25 minutes on 2 cores)

@@ -53,12 +53,12 @@ from fat_mlflow.benchmarks.common import (
 )
 from fat_mlflow.benchmarks.features import benchmark_clips
 from fat_mlflow.config import PROFILES, FeatureConfig
-from fat_mlflow.dataset import window_starts
-from fat_mlflow.esc50 import SOURCES_HELP
-from fat_mlflow.models import build_model, flops_per_sample, save_checkpoint
-from fat_mlflow.precision import Precision, resolve_precision
+from fat_mlflow.data.esc50 import SOURCES_HELP
+from fat_mlflow.engine.dataset import window_starts
+from fat_mlflow.engine.models import build_model, flops_per_sample, save_checkpoint
+from fat_mlflow.engine.precision import Precision, resolve_precision
 from fat_mlflow.processes import free_port, stop_group, wait_until
-from fat_mlflow.tagger import (
+from fat_mlflow.serving.tagger import (
     BASE64_COLUMN,
     EnsembleSpec,
     FatTagger,

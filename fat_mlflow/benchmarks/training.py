@@ -25,7 +25,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from fat_mlflow.augment import build_batch_augment
 from fat_mlflow.benchmarks import BENCHMARK_PROFILES, BenchmarkProfile
 from fat_mlflow.benchmarks.common import (
     Result,
@@ -37,10 +36,11 @@ from fat_mlflow.benchmarks.common import (
     timed_alternately,
 )
 from fat_mlflow.config import get_profile
-from fat_mlflow.dataset import training_batches
-from fat_mlflow.models import build_model, count_parameters, flops_per_sample
-from fat_mlflow.precision import Precision, resolve_precision
-from fat_mlflow.training import augmented_step, resolve_device
+from fat_mlflow.engine.augment import build_batch_augment
+from fat_mlflow.engine.dataset import training_batches
+from fat_mlflow.engine.models import build_model, count_parameters, flops_per_sample
+from fat_mlflow.engine.precision import Precision, resolve_precision
+from fat_mlflow.engine.training import augmented_step, resolve_device
 
 # (training profile, network, width): the quick network at its width and twice it, the paper's
 CONFIGS = (("quick", "cnn", 0.125), ("quick", "cnn", 0.25), ("paper", "cnn", 1.0),

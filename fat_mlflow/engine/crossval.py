@@ -19,10 +19,10 @@ import torch
 from torch import nn
 
 from fat_mlflow.config import Profile
-from fat_mlflow.metrics import lwlrap, per_sample_lwlrap
-from fat_mlflow.predict import predict_spectrograms
-from fat_mlflow.timing import TRAINING_PHASE, PhaseClock
-from fat_mlflow.training import EpochLog, train_fold, training_precision
+from fat_mlflow.engine.metrics import lwlrap, per_sample_lwlrap
+from fat_mlflow.engine.predict import predict_spectrograms
+from fat_mlflow.engine.timing import TRAINING_PHASE, PhaseClock
+from fat_mlflow.engine.training import EpochLog, train_fold, training_precision
 
 
 @dataclass

@@ -14,12 +14,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from fat_mlflow.augment import build_batch_augment
 from fat_mlflow.config import AugmentConfig, TrainConfig
-from fat_mlflow.dataset import centre_window, training_batches
-from fat_mlflow.metrics import lwlrap
-from fat_mlflow.precision import Precision, resolve_precision
-from fat_mlflow.predict import predict_spectrograms
+from fat_mlflow.engine.augment import build_batch_augment
+from fat_mlflow.engine.dataset import centre_window, training_batches
+from fat_mlflow.engine.metrics import lwlrap
+from fat_mlflow.engine.precision import Precision, resolve_precision
+from fat_mlflow.engine.predict import predict_spectrograms
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ def train_fold(
 
     Where the device has bf16 matrix units (a GPU, an AMX or AVX512-BF16 CPU) the
     forward/backward pass runs in bfloat16 autocast, with channels_last convolutions, unless
-    `cfg` switches them off (fat_mlflow.precision). Everything random draws from `seed`.
+    `cfg` switches them off (fat_mlflow.engine.precision). Everything random draws from `seed`.
     """
     precision = training_precision(cfg)
     if cfg.num_threads > 0:

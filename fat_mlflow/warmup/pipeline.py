@@ -16,7 +16,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -33,19 +33,14 @@ from mlflow.environment_variables import (
 from mlflow.tracking import MlflowClient
 
 from fat_mlflow.config import DemoConfig, Profile
-from fat_mlflow.data import dataset_fingerprint, load_dataset
-from fat_mlflow.demo import SUMMARY_FILE, DemoExistsError, build_demo_dataset
-from fat_mlflow.esc50 import locate_esc50
-from fat_mlflow.featurize import run_features
+from fat_mlflow.data.demo import SUMMARY_FILE, DemoExistsError, build_demo_dataset
+from fat_mlflow.data.esc50 import locate_esc50
+from fat_mlflow.data.layout import dataset_fingerprint, load_dataset
 from fat_mlflow.plots import plot_stage_table
-from fat_mlflow.stages import (
-    StageRequest,
-    check_pipeline_data,
-    format_folds,
-    gather_stage,
-    run_stage,
-)
-from fat_mlflow.tracking import (
+from fat_mlflow.warmup.featurize import run_features
+from fat_mlflow.warmup.stage_inputs import StageRequest, check_pipeline_data, format_folds
+from fat_mlflow.warmup.stages import gather_stage, run_stage
+from fat_mlflow.warmup.tracking import (
     TAG_COMPLETE,
     TAG_DATASET,
     TAG_PIPELINE,
@@ -68,6 +63,9 @@ class FoldJobError(RuntimeError):
 
 
 DEMO_DIR = Path("demo_data")  # where the main job builds the demo, beside the MLproject
+# The last step: (stage run IDs, dataset, registered model name, feature cache) -> the
+# ensemble's row of the stage report.
+EnsembleStep = Callable[[list[str], Path, str, Path | None], dict]
 
 
 @dataclass
@@ -287,8 +285,13 @@ def stage_table(chains: dict[str, dict[str, str]]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def run_pipeline(request: PipelineRequest) -> tuple[str, pd.DataFrame]:
-    """features -> stage 1..4 per network -> ensemble; returns the parent run ID and Table 2."""
+def run_pipeline(request: PipelineRequest,
+                 ensemble_step: EnsembleStep) -> tuple[str, pd.DataFrame]:
+    """features -> stage 1..4 per network -> ensemble; returns the parent run ID and Table 2.
+
+    The ensemble is built by `ensemble_step` (`fat_mlflow.serving.ensemble.build_and_register`
+    in every caller): serving sits above this layer, so the pipeline is handed it.
+    """
     data = request.data or ensure_demo_data(request.demo_dir, request.esc50)
     dataset = load_dataset(data)
     check_pipeline_data(dataset, request.profile)  # before the tracking store is even opened
@@ -312,62 +315,11 @@ def run_pipeline(request: PipelineRequest) -> tuple[str, pd.DataFrame]:
                   for arch in request.archs}
         table = stage_table(chains)
         ensemble_runs = [runs[s] for runs in chains.values() for s in ("stage2", "stage3", "stage4")]
-        ensemble_row = build_and_register(ensemble_runs, data, request.registered_model,
-                                          request.cache_dir)
+        ensemble_row = ensemble_step(ensemble_runs, data, request.registered_model,
+                                     request.cache_dir)
         table = pd.concat([table, pd.DataFrame([ensemble_row])], ignore_index=True)
         log_table(table, "report/stage_table.csv")
         scored = table.dropna(subset=["lwlrap_noisy", "lwlrap_curated", "lwlrap_test"], how="all")
         mlflow.log_figure(plot_stage_table(scored), "report/stage_table.png")
         mlflow.set_tag(TAG_PIPELINE, parent_id)
     return parent_id, table
-
-
-# the training sets of fat_mlflow.baseline.floor_test_lwlrap, as it names them
-FLOOR_TRAINING_SETS = ("curated", "curated_noisy")
-
-
-def build_and_register(run_ids: list[str], data: Path, registered_model: str,
-                       cache_dir: Path | None) -> dict:
-    from fat_mlflow.ensemble import build_ensemble
-
-    run_id, version = build_ensemble(run_ids, registered_model=registered_model, data=data,
-                                     cache_dir=cache_dir)
-    metrics = MlflowClient().get_run(run_id).data.metrics
-    return {"model": "ensemble", "arch": "all",
-            "stage": "ensemble", "run_id": run_id, "lwlrap_test": metrics.get("lwlrap_test"),
-            **{f"floor_lwlrap_{name}": metrics.get(f"floor_lwlrap_{name}", np.nan)
-               for name in FLOOR_TRAINING_SETS},
-            "registered_version": version}
-
-
-def floors_by_training_set(ensemble_record: Mapping) -> dict[str, float]:
-    """The floor's test lwlrap by training set ("curated_noisy"), where the ensemble scored it."""
-    values = {name: ensemble_record.get(f"floor_lwlrap_{name}") for name in FLOOR_TRAINING_SETS}
-    return {name: float(value) for name, value in values.items()
-            if value is not None and pd.notna(value)}
-
-
-def scored_floors(ensemble_row: pd.Series) -> dict[str, float]:
-    """The floor's test lwlrap under display names ("curated + noisy")."""
-    return {name.replace("_", " + "): value
-            for name, value in floors_by_training_set(ensemble_row).items()}
-
-
-def with_floor_rows(table: pd.DataFrame) -> pd.DataFrame:
-    """The stage report plus the logistic floor's test lwlrap as rows under the ensemble's."""
-    floors = [{"model": f"floor ({name})", "lwlrap_test": value}
-              for name, value in scored_floors(table.iloc[-1]).items()]
-    return pd.concat([table, pd.DataFrame(floors)], ignore_index=True) if floors else table
-
-
-def floor_verdict(ensemble_row: pd.Series) -> str:
-    """One line: the ensemble's test lwlrap against the logistic floor on the same clips."""
-    floors = scored_floors(ensemble_row)
-    score = ensemble_row.get("lwlrap_test")
-    if not floors or pd.isna(score):
-        return "no test labels: the ensemble is not compared with the logistic floor"
-    floor = max(floors.values())
-    shown = ", ".join(f"{value:.3f} trained on {name}" for name, value in floors.items())
-    verdict = f"beats it by {score - floor:.3f}" if score > floor else \
-        f"DOES NOT beat it (short by {floor - score:.3f}): not yet worth serving"
-    return f"ensemble test lwlrap {score:.3f}; logistic floor {shown}: the ensemble {verdict}"
