@@ -27,20 +27,20 @@ from fat_mlflow.experiments.ablations import (
     write_report,
 )
 from fat_mlflow.serving.baseline import baseline_scores, clip_statistics, fit_logistic_baseline
-from fat_mlflow.warmup.tracking import TAG_PIPELINE, download, read_table
+from fat_mlflow.warmup.tracking import TAG_PIPELINE, downloaded, read_table
 
 
 def _specs(dataset, frame):
     cache = FeatureCache(None, get_profile("tiny").features)
     cache.compute(list(frame["path"]), progress=False)
-    return cache.load_many(frame["path"], mmap=False)
+    return cache.open(frame["path"])
 
 
 def test_logistic_floor_beats_random_scores_on_real_clips(demo_data: Path):
     dataset = load_dataset(demo_data)
     train_specs = _specs(dataset, dataset.curated)
     features = clip_statistics(train_specs)
-    assert features.shape == (len(train_specs), 3 * train_specs[0].shape[0])
+    assert features.shape == (len(train_specs), 3 * train_specs.clip(0).shape[0])
     model = fit_logistic_baseline(train_specs, dataset.targets(dataset.curated))
     truth = dataset.targets(dataset.test)
     scores = baseline_scores(model, _specs(dataset, dataset.test))
@@ -115,7 +115,8 @@ def test_single_fold_scores_average_to_the_stage_test_scores(tiny_chain):
         fnames = read_table(stage4, "test_scores.csv")["fname"]
         fold_scores = []
         for fold in (0, 1):
-            with np.load(download(stage4, f"folds/fold_{fold}/scores.npz")) as scores:
+            with downloaded(stage4, f"folds/fold_{fold}/scores.npz") as path, \
+                    np.load(path) as scores:
                 fold_scores.append(scores["test"])
     logged = table.set_index("stage")["lwlrap_test"]
     truth = dataset.targets(dataset.test.set_index("fname").loc[fnames].reset_index())

@@ -20,6 +20,7 @@ from mlflow.tracking import MlflowClient
 from fat_mlflow.benchmarks.training import CONFIGS as TRAINING_CONFIGS
 from fat_mlflow.cli import main
 from fat_mlflow.config import PROFILES
+from fat_mlflow.data.store import FeatureStore
 from fat_mlflow.engine.models import build_model, flops_per_sample
 from fat_mlflow.engine.precision import bf16_units
 from fat_mlflow.warmup.tracking import DEFAULT_EXPERIMENT
@@ -216,16 +217,17 @@ def test_mlproject_entry_point_passes_every_parameter_to_the_command():
 
 
 def test_training_benchmark_runs_without_mlflow_and_librosa(tmp_path):
-    """What a bare GPU machine (torch + numpy only) runs, here on precomputed .npy log-mels."""
+    """What a bare GPU machine (torch + numpy only) runs, here on a feature store's log-mels."""
     rng = np.random.default_rng(0)
-    for i in range(3):
-        np.save(tmp_path / f"clip{i}.npy", rng.normal(-40, 10, (128, 200)).astype(np.float32))
+    with FeatureStore(tmp_path).writer() as writer:
+        for i in range(3):
+            writer.append(f"clip{i}", rng.normal(-40, 10, (128, 200)).astype(np.float32), 4.0)
     script = textwrap.dedent(f"""
         import runpy, sys
         sys.modules["mlflow"] = None  # any import of these now raises ImportError
         sys.modules["librosa"] = None
         sys.argv = ["training", "--profile", "tiny", "--configs", "quick/cnn",
-                    "--npy-dir", {str(tmp_path)!r}]
+                    "--store", {str(tmp_path)!r}]
         runpy.run_module("fat_mlflow.benchmarks.training", run_name="__main__")
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,

@@ -8,7 +8,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import soundfile as sf
+from click.testing import CliRunner
 
+from fat_mlflow.cli import main
 from fat_mlflow.config import DemoConfig
 from fat_mlflow.data.demo import build_demo_dataset, demo_clip_names
 from fat_mlflow.data.esc50 import Esc50Error
@@ -120,3 +122,18 @@ def test_too_few_well_recorded_classes_is_a_clear_error(esc50_dir, tmp_path):
 def test_split_shares_must_be_positive_and_sum_to_one(shares):
     with pytest.raises(ValueError, match="shares"):
         DemoConfig(curated_share=shares[0], noisy_share=shares[1], test_share=shares[2])
+
+
+def test_a_source_without_its_licence_builds_with_one_warning_line(esc50_dir, tmp_path):
+    source = tmp_path / "esc50"
+    source.mkdir()
+    for part in ("audio", "meta"):
+        (source / part).symlink_to(esc50_dir / part)
+    result = CliRunner().invoke(main, ["demo-data", str(tmp_path / "data"), "--esc50",
+                                       str(source), "--scale", "0.05"])
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.output.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "LICENSE not found" in warnings[0]
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "data" / "ESC50_LICENSE").exists()
+    load_dataset(tmp_path / "data")

@@ -7,7 +7,7 @@ import torch
 from fat_mlflow.config import get_profile
 from fat_mlflow.engine.crossval import ClipSet, run_cross_validation
 from fat_mlflow.engine.dataset import (
-    centre_window,
+    centre_windows,
     to_network_input,
     training_batches,
     window_starts,
@@ -37,8 +37,9 @@ def test_window_starts_follow_the_seed_step():
 
 def test_validation_window_is_the_middle_of_the_clip():
     spec = np.tile(np.arange(300, dtype=np.float32), (4, 1))
-    assert centre_window(spec, 128)[0].tolist() == list(range(86, 214))
-    assert centre_window(spec[:, :128], 128).shape == (4, 128)
+    middle, whole = centre_windows([spec, spec[:, :128]], 128)
+    assert middle[0].tolist() == list(range(86, 214))
+    assert whole.shape == (4, 128)
 
 
 def test_training_batches_cover_every_clip_once_and_skip_a_lone_last_clip():

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
+import time
 from pathlib import Path
 
 import librosa
@@ -11,10 +13,19 @@ import numpy as np
 import pandas as pd
 import pytest
 import soundfile as sf
+from click.testing import CliRunner
 
+from fat_mlflow.cli import main
 from fat_mlflow.config import FeatureConfig
 from fat_mlflow.data.audio import AudioError, load_audio
-from fat_mlflow.data.features import FeatureCache, _atomic_write, default_cache_root, log_mel
+from fat_mlflow.data.features import (
+    FeatureCache,
+    _atomic_write,
+    default_cache_root,
+    log_mel,
+    store_folder,
+)
+from fat_mlflow.data.store import FeatureStore
 
 CFG = FeatureConfig()
 
@@ -90,25 +101,25 @@ def test_cache_stores_log_mel_and_reuses_it(tmp_path, esc50_clips):
     first = cache.compute(esc50_clips, n_jobs=2, progress=False)
     assert (first.n_clips, first.n_computed, first.n_reused, first.n_failed) == (6, 6, 0, 0)
     assert first.audio_seconds > 6 * 4.9 and first.bytes > 0
-    stamps = {p: cache.path_for(p).stat().st_mtime_ns for p in esc50_clips}
+    shards = {p: p.stat().st_size for p in cache.folder.glob("*.f32")}
+    assert sum(shards.values()) == first.bytes
 
     second = cache.compute(esc50_clips, n_jobs=2, progress=False)
     assert (second.n_computed, second.n_reused, second.bytes) == (0, 6, 0)
-    assert stamps == {p: cache.path_for(p).stat().st_mtime_ns for p in esc50_clips}
+    assert shards == {p: p.stat().st_size for p in cache.folder.glob("*.f32")}
 
     loaded = cache.load(esc50_clips[2])
-    assert isinstance(loaded, np.memmap)
     fresh = log_mel(load_audio(esc50_clips[2], CFG.sample_rate), CFG)
     np.testing.assert_allclose(loaded, fresh, atol=1e-3)  # BLAS thread count changes rounding
-    assert [a.shape for a in cache.load_many(esc50_clips[:2], mmap=False)] == [
-        np.load(cache.path_for(p)).shape for p in esc50_clips[:2]
-    ]
+    specs = cache.open(esc50_clips)
+    assert [specs.frames(i) for i in range(6)] == [cache.load(p).shape[1] for p in esc50_clips]
+    np.testing.assert_array_equal(specs.crop(2, 10, 128), loaded[:, 10:138])
     assert not list(cache.folder.glob("*.tmp"))
 
 
 def test_params_json_describes_the_folder(tmp_path):
     cache = FeatureCache(tmp_path, CFG)
-    assert cache.folder == tmp_path / CFG.cache_key()
+    assert cache.folder == store_folder(tmp_path, CFG) == tmp_path / f"logmel-{CFG.cache_key()}"
     assert json.loads((cache.folder / "params.json").read_text()) == dataclasses.asdict(CFG)
 
 
@@ -129,12 +140,53 @@ def test_same_name_in_another_dataset_or_edited_file_never_collides(tmp_path, es
     for path, source in ((one, esc50_clips[0]), (two, esc50_clips[1])):
         path.parent.mkdir()
         sf.write(path, load_audio(source, CFG.sample_rate), CFG.sample_rate, subtype="PCM_16")
-    assert cache.path_for(one) != cache.path_for(two)
-    before = cache.path_for(one)
-    cache.compute([one], n_jobs=1, progress=False)
+    assert cache.compute([one, two], n_jobs=1, progress=False).n_computed == 2
+    assert cache.load(one).shape != cache.load(two).shape or not np.array_equal(
+        cache.load(one), cache.load(two))
     sf.write(one, load_audio(esc50_clips[3], CFG.sample_rate), CFG.sample_rate, subtype="PCM_16")
-    assert cache.path_for(one) != before
+    with pytest.raises(FileNotFoundError, match="run FeatureCache.compute"):
+        cache.load(one)  # edited in place: its old entry is not taken for it
     assert cache.compute([one], n_jobs=1, progress=False).n_computed == 1
+    np.testing.assert_allclose(cache.load(one),
+                               log_mel(load_audio(one, CFG.sample_rate), CFG), atol=1e-3)
+
+
+def test_a_moved_dataset_reuses_every_entry(tmp_path, esc50_clips):
+    """The key is the audio's content: moving or re-extracting the data only re-hashes it."""
+    cache = FeatureCache(tmp_path / "cache", CFG)
+    before = tmp_path / "before"
+    before.mkdir()
+    for clip in esc50_clips:
+        shutil.copy(clip, before / clip.name)
+    cache.compute(sorted(before.iterdir()), n_jobs=2, progress=False)
+    size = cache.store.disk_bytes()
+    first = cache.load(before / esc50_clips[0].name)
+    after = before.rename(tmp_path / "after")
+    moved = cache.compute(sorted(after.iterdir()), n_jobs=2, progress=False)
+    assert (moved.n_computed, moved.n_reused, moved.bytes) == (0, 6, 0)
+    assert len(cache.store.digests()) == 6
+    assert cache.store.disk_bytes() - size < 50_000  # the index grew by 6 rows, no audio
+    np.testing.assert_array_equal(cache.load(after / esc50_clips[0].name), first)
+
+
+def test_reading_thousands_of_clips_holds_one_descriptor_per_shard(tmp_path):
+    """The fix of "Too many open files": readers keep one descriptor per shard, never one per
+    clip, and read with pread (no memory map)."""
+    store = FeatureStore(tmp_path)
+    rng = np.random.default_rng(0)
+    specs = {f"clip{i}": rng.normal(size=(8, 3 + i % 5)).astype(np.float32) for i in range(2000)}
+    with store.writer() as writer:
+        for digest, spec in specs.items():
+            writer.append(digest, spec, 1.0)
+    fds = len(os.listdir("/proc/self/fd"))
+    opened = store.open(list(specs))
+    assert [opened.frames(i) for i in range(len(opened))] == [s.shape[1] for s in specs.values()]
+    for index, spec in enumerate(specs.values()):
+        np.testing.assert_array_equal(opened.clip(index), spec)
+        np.testing.assert_array_equal(opened.crop(index, 1, 2), spec[:, 1:3])
+    assert len(os.listdir("/proc/self/fd")) - fds == len(list(tmp_path.glob("*.f32"))) == 1
+    with pytest.raises(ValueError, match="frames 2..10 asked of a clip of"):
+        opened.crop(0, 2, 8)
 
 
 def test_every_failure_is_collected(tmp_path, esc50_clips):
@@ -175,3 +227,27 @@ def test_default_root_follows_the_environment(tmp_path, monkeypatch):
     assert default_cache_root() == tmp_path
     monkeypatch.delenv("FAT_MLFLOW_CACHE")
     assert default_cache_root() == Path(".fat_cache")
+
+
+def test_cache_command_lists_stores_and_prunes_old_and_unused_ones(tmp_path, esc50_clips):
+    used = FeatureCache(tmp_path, CFG)
+    used.compute(esc50_clips[:2], n_jobs=1, progress=False)
+    idle = FeatureCache(tmp_path, dataclasses.replace(CFG, n_mels=64))
+    idle.compute(esc50_clips[:1], n_jobs=1, progress=False)
+    month_ago = time.time() - 31 * 86_400
+    os.utime(idle.folder / "last_used", (month_ago, month_ago))
+    old = tmp_path / CFG.cache_key()  # the one-file-per-clip format of earlier versions
+    old.mkdir()
+    (old / "params.json").write_text(json.dumps(dataclasses.asdict(CFG)))
+    np.save(old / "clip-0123.npy", np.zeros((128, 128), np.float32))
+
+    listing = CliRunner().invoke(main, ["cache", "--cache-dir", str(tmp_path)])
+    assert listing.exit_code == 0, listing.output
+    lines = {line.split()[0]: line for line in listing.output.splitlines()}
+    assert set(lines) == {used.folder.name, idle.folder.name, old.name}
+    assert " 2 clips" in lines[used.folder.name] and "old format" in lines[old.name]
+
+    pruned = CliRunner().invoke(main, ["cache", "--cache-dir", str(tmp_path), "--prune"])
+    assert pruned.exit_code == 0 and "removed 2 folder(s)" in pruned.output
+    assert used.folder.is_dir() and not idle.folder.exists() and not old.exists()
+    assert used.load(esc50_clips[0]).shape[0] == 128

@@ -22,7 +22,7 @@ from fat_mlflow.serving.tagger import SPEC_ARTIFACT, EnsembleSpec, pyfunc_argume
 PACKAGE = Path(fat_mlflow.__file__).resolve().parent
 # lowest first: a module imports only from its own layer or one below it
 LAYERS = ("utilities", "data", "engine", "warmup", "serving", "experiments", "benchmarks", "cli")
-UTILITIES = {"__init__", "config", "plots", "locking", "processes"}
+UTILITIES = {"__init__", "config", "plots", "locking", "processes", "memory"}
 FORBIDDEN = {"data": {"mlflow", "torch"}, "engine": {"mlflow", "click"}}
 MAX_LINES = 450
 OLD_MODEL = Path(__file__).resolve().parent / "fixtures" / "model_logged_by_layout_v1"

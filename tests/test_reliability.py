@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import zipfile
 from collections.abc import Callable
@@ -30,10 +31,12 @@ from mlflow.tracking import MlflowClient
 from fat_mlflow.cli import main
 from fat_mlflow.config import FeatureConfig, get_profile
 from fat_mlflow.data.audio import load_audio
-from fat_mlflow.data.features import BadAudioError, FeatureCache
+from fat_mlflow.data.features import BadAudioError, FeatureCache, store_folder
 from fat_mlflow.data.layout import dataset_fingerprint, load_dataset
+from fat_mlflow.data.store import INDEX_FILE, FeatureStore
+from fat_mlflow.serving.ensemble import build_and_register, build_ensemble
 from fat_mlflow.warmup.featurize import run_features
-from fat_mlflow.warmup.pipeline import run_or_reuse
+from fat_mlflow.warmup.pipeline import PipelineRequest, run_or_reuse, run_pipeline
 from fat_mlflow.warmup.stage_inputs import StageRequest
 from fat_mlflow.warmup.stages import run_stage
 from fat_mlflow.warmup.tracking import MlflowFoldStore, configure_tracking
@@ -124,8 +127,10 @@ def fold_files(folder: Path) -> set[str]:
 
 
 def cache_entries(folder: Path) -> list[np.ndarray]:
-    """Every .npy of a cache folder, loaded whole: a half-written file would raise here."""
-    return [np.load(path) for path in sorted(folder.glob("*.npy"))]
+    """Every indexed entry of a feature store, read whole: one cut short would raise here."""
+    store = FeatureStore(folder)
+    specs = store.open(store.digests())
+    return [specs.clip(index) for index in range(len(specs))]
 
 
 def assert_valid_entry(spec: np.ndarray) -> None:
@@ -195,6 +200,36 @@ def test_skip_leaves_bad_clips_out_and_logs_them(bad_data, tracking):
         assert len(table) and not bad_names & set(table["fname"]), name
     assert len(pd.read_csv(folder / "oof/noisy.csv")) == SIZES["train_noisy"] - 3
 
+    # the ensemble and its floor leave the bad test clip out too, list it, and leave no
+    # temporary download behind (checkpoints, tables)
+    scratch = Path(tempfile.mkdtemp(prefix="scratch-"))
+    previous, tempfile.tempdir = tempfile.tempdir, str(scratch)
+    try:
+        ensemble_id, _ = build_ensemble([run_id], registered_model="bad-audio", data=root,
+                                        bad_audio="skip", progress=False)
+    finally:
+        tempfile.tempdir = previous
+    assert not [p for p in scratch.iterdir() if p.name.startswith(("fat-", "tmp"))]
+    ensemble = client.get_run(ensemble_id)
+    folder = artifact_dir(client, ensemble_id)
+    bad_test = sorted(path for path in bad if "/test/" in path)
+    for listing in ("bad_audio.csv", "floor_bad_audio.csv"):
+        assert set(bad_test) <= set(pd.read_csv(folder / listing)["path"]), listing
+    assert len(pd.read_csv(folder / "test_scores.csv")) == SIZES["test"] - 1
+    assert {"lwlrap_test", "floor_lwlrap_curated", "peak_rss_mb",
+            "floor_peak_rss_mb"} <= set(ensemble.data.metrics)
+
+
+def test_the_pipeline_stops_on_bad_audio_before_any_stage(bad_data, tracking, tmp_path):
+    root, bad = bad_data
+    with pytest.raises(BadAudioError, match="--bad-audio skip") as info:
+        run_pipeline(PipelineRequest(data=root, profile=get_profile("tiny", EPOCHS),
+                                     archs=["cnn"], progress=False), build_and_register)
+    assert sorted(info.value.failures) == sorted(bad)
+    stages = mlflow.search_runs(search_all_experiments=True,
+                                filter_string="tags.`fat.stage` LIKE 'stage%'")
+    assert stages.empty
+
 
 def test_cli_names_every_bad_file_on_its_own_line_without_traceback(bad_data, tracking):
     root, bad = bad_data
@@ -241,7 +276,7 @@ def clip_variants(esc50_dir: Path, tmp_path_factory: pytest.TempPathFactory):
                                   "pcm24", "mp3", "rate_8000", "rate_16000", "rate_48000"])
 def test_every_clip_shape_becomes_a_valid_cache_entry(clip_variants, name):
     cache, paths, clip_samples = clip_variants
-    spec = cache.load(paths[name], mmap=False)
+    spec = cache.load(paths[name])
     assert_valid_entry(spec)
     if name == "ten_minutes":  # kept whole (trim only cuts the edges of the whole clip)
         assert spec.shape[1] > 0.98 * 120 * clip_samples / FeatureConfig().hop_length
@@ -287,7 +322,7 @@ def test_two_runs_at_once_share_one_store_and_one_cache(concurrent):
     first, second = (run_tables(concurrent.folders[seed])["oof/noisy.csv"] for seed in SEEDS)
     assert list(first["fname"]) == list(second["fname"])
     assert not np.allclose(first.iloc[:, 3:], second.iloc[:, 3:])  # each run kept its own
-    folder = concurrent.cache_dir / FeatureConfig().cache_key()
+    folder = store_folder(concurrent.cache_dir, FeatureConfig())
     entries = cache_entries(folder)
     assert len(entries) == N_CLIPS and not list(folder.glob("*.tmp"))
     for spec in entries:
@@ -356,10 +391,11 @@ def test_killed_feature_run_leaves_only_whole_entries_and_is_reused(small_data, 
                                                                      tmp_path):
     cache_dir = tmp_path / "cold-cache"
     cfg = get_profile("tiny").features
-    folder = cache_dir / cfg.cache_key()
+    folder = store_folder(cache_dir, cfg)
     child = Child.start(["features", "--data", str(small_data), "--profile", "tiny",
                          "--jobs", "2", "--cache-dir", str(cache_dir)], tmp_path, tracking)
-    wait_for(lambda: len(list(folder.glob("*.npy"))) >= N_CLIPS // 2, child)
+    wait_for(lambda: (folder / INDEX_FILE).exists()
+             and len(FeatureStore(folder).digests()) >= N_CLIPS // 2, child)
     assert child.kill(signal.SIGKILL) == -signal.SIGKILL
     time.sleep(0.2)  # the killed pool workers are gone too: nothing writes any more
     entries = cache_entries(folder)

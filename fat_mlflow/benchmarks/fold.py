@@ -81,7 +81,8 @@ def pack(data: Path, out: Path, profile: Profile, cache_dir: Path | None,
         failures = cache.compute(list(frame["path"]), progress=False).failures
         if failures:
             raise BadAudioError(failures)
-        specs = [s[:, :max_frames] for s in cache.load_many(frame["path"], mmap=False)]
+        stored = cache.open(frame["path"])
+        specs = [stored.clip(i)[:, :max_frames] for i in range(len(stored))]
         arrays[f"{part}_specs"] = np.concatenate(specs, axis=1).astype(np.float16)
         arrays[f"{part}_lengths"] = np.array([s.shape[1] for s in specs])
         arrays[f"{part}_targets"] = dataset.targets(frame)

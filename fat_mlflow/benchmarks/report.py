@@ -100,7 +100,7 @@ def _training(request: BenchmarkRequest, size: BenchmarkProfile, clips: list[Pat
     stats = cache.compute(clips, progress=False)
     if stats.failures:
         raise BadAudioError(stats.failures)
-    return training_bench.run(size, device, cache.load_many(clips),
+    return training_bench.run(size, device, cache.open(clips),
                               input_name=f"the cached log-mels of {len(clips)} clips of "
                                          f"{request.data}")
 

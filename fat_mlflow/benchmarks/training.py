@@ -9,10 +9,10 @@ number formats of a network are timed in turn, pass by pass, and the bf16 row's 
 given against its float32 row.
 
 Needs neither MLflow nor librosa: the inputs are random spectrograms of the real size, or
-log-mels precomputed as .npy files (a feature-cache folder), so it runs on a GPU machine with
-only torch and numpy:
+log-mels of a feature store (a feature-cache folder, `logmel-<key>`), so it runs on a GPU
+machine with only torch and numpy:
 
-    python -m fat_mlflow.benchmarks.training [--profile standard] [--npy-dir DIR] [--device cuda]
+    python -m fat_mlflow.benchmarks.training [--profile standard] [--store DIR] [--device cuda]
 """
 from __future__ import annotations
 
@@ -36,10 +36,12 @@ from fat_mlflow.benchmarks.common import (
     timed_alternately,
 )
 from fat_mlflow.config import get_profile
+from fat_mlflow.data.store import FeatureStore
 from fat_mlflow.engine.augment import build_batch_augment
 from fat_mlflow.engine.dataset import training_batches
 from fat_mlflow.engine.models import build_model, count_parameters, flops_per_sample
 from fat_mlflow.engine.precision import Precision, resolve_precision
+from fat_mlflow.engine.spectrograms import Spectrograms, take
 from fat_mlflow.engine.training import augmented_step, resolve_device
 
 # (training profile, network, width): the quick network at its width and twice it, the paper's
@@ -59,21 +61,13 @@ def synthetic_spectrograms(n: int, frames: int = 400, seed: int = 0) -> list[np.
     return [rng.normal(-40, 10, (128, frames)).astype(np.float32) for _ in range(n)]
 
 
-def load_npy_dir(folder: Path, n: int) -> list[np.ndarray]:
-    """The first `n` .npy spectrograms of a folder (e.g. a feature-cache folder), in name order."""
-    files = sorted(Path(folder).glob("*.npy"))[:n]
-    if not files:
-        raise FileNotFoundError(f"{folder}: no .npy spectrograms found")
-    return [np.load(path) for path in files]
-
-
 def training_steps(profile_name: str, arch: str, width: float, precision: Precision,
-                   specs: Sequence[np.ndarray], batch: int, steps: int
+                   specs: Spectrograms, batch: int, steps: int
                    ) -> tuple[Callable[[], None], nn.Module]:
     """`steps` engine steps of a fresh network in `precision`, as a call to time, and the net."""
     profile = get_profile(profile_name)
     cfg = profile.train
-    pool = [specs[i % len(specs)] for i in range(batch)]  # one step = one full batch
+    pool = take(specs, np.arange(batch) % len(specs))  # one step = one full batch
     rng = np.random.default_rng(0)
     targets = np.eye(N_CLASSES, dtype=np.float32)[rng.integers(0, N_CLASSES, batch)]
     torch.manual_seed(0)
@@ -103,7 +97,7 @@ def precisions(device: torch.device) -> dict[str, Precision]:
 
 
 def run(size: BenchmarkProfile, device: torch.device,
-        specs: Sequence[np.ndarray] | None = None,
+        specs: Spectrograms | None = None,
         configs: Sequence[tuple[str, str, float]] = CONFIGS, paper_batch: int | None = None,
         input_name: str = "synthetic log-mels") -> Table:
     """The float32 matmul peak (the baseline) and the bf16 one, then per (training profile,
@@ -180,8 +174,9 @@ def main() -> None:
     parser.add_argument("--configs", default=",".join(f"{p}/{a}/{w:g}" for p, a, w in CONFIGS),
                         help="comma-separated PROFILE/ARCH[/WIDTH] to measure (default width: "
                              "the profile's)")
-    parser.add_argument("--npy-dir", type=Path, default=None,
-                        help="folder of precomputed log-mel .npy files (default: random ones)")
+    parser.add_argument("--store", type=Path, default=None,
+                        help="a feature-store folder (.fat_cache/logmel-<key>) whose log-mels "
+                             "are the inputs (default: random ones)")
     args = parser.parse_args()
     size = BENCHMARK_PROFILES[args.profile]
     size = dataclasses.replace(size, repeats=args.repeats or size.repeats,
@@ -190,8 +185,9 @@ def main() -> None:
         configs = [parse_config(item) for item in args.configs.split(",") if item.strip()]
     except (ValueError, KeyError) as error:
         parser.error(f"--configs takes PROFILE/ARCH[/WIDTH] items, got {args.configs!r}: {error}")
-    specs = load_npy_dir(args.npy_dir, size.feature_clips) if args.npy_dir else None
-    input_name = f"log-mels from {args.npy_dir}" if args.npy_dir else "synthetic log-mels"
+    store = FeatureStore(args.store) if args.store else None
+    specs = store.open(store.digests()[: size.feature_clips]) if store else None
+    input_name = f"log-mels from {args.store}" if args.store else "synthetic log-mels"
     table = run(size, resolve_device(args.device), specs, configs=configs,
                 paper_batch=args.paper_batch, input_name=input_name)
     print(table.markdown())

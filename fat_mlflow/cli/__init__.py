@@ -37,8 +37,8 @@ def main() -> None:
     """
 
 
-for command in (data.demo_data, data.features, *stages.STAGE_COMMANDS, stages.gather,
-                stages.pipeline, serving.ensemble, serving.predict, serving.tag,
+for command in (data.demo_data, data.features, data.cache, *stages.STAGE_COMMANDS,
+                stages.gather, stages.pipeline, serving.ensemble, serving.predict, serving.tag,
                 experiments.ablations, experiments.study, experiments.benchmark,
-                experiments.results):
+                experiments.scale, experiments.results):
     main.add_command(command)

@@ -166,6 +166,23 @@ def benchmark(only: str, size: str, repeats: int, data: str, esc50: str, model_u
 
 
 @click.command()
+@click.option("--pipelines", required=True, metavar="RUN_ID,RUN_ID",
+              help="Finished `main` pipeline runs on datasets of different sizes (e.g. the "
+                   "rehearsal profile on the 10 % and the full rehearsal, cold caches).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              default=Path("scale.md"), show_default=True,
+              help="Markdown file of the tables (also logged as the run's artifact).")
+def scale(pipelines: str, out: Path) -> None:
+    """The scale benchmark: each step's time and peak memory in the given pipelines, scoring
+    and training rates measured now, and the predicted time of the quick and paper profiles
+    on FAT2019's size (docs/scale.md)."""
+    from fat_mlflow.benchmarks.scale import run_scale_report
+
+    click.echo(run_scale_report([run.strip() for run in pipelines.split(",") if run.strip()],
+                                out))
+
+
+@click.command()
 @settings_options
 @click.option("--seeds", default="0,1,2", show_default=True, help="Seeds of the ablations.")
 @ablation_names_option

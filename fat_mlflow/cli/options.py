@@ -49,6 +49,10 @@ def data_option(required: bool = True) -> Callable[[Callable], Callable]:
                              "train_noisy.csv, sample_submission.csv, audio folders).")
 
 
+bad_audio_option = click.option(
+    "--bad-audio", type=click.Choice(["stop", "skip"]), default="stop", show_default=True,
+    help="Undecodable clips: stop and list them all, or skip and log them (bad_audio.csv).")
+
 cache_option = click.option(
     "--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
     help="Feature cache root (default $FAT_MLFLOW_CACHE or ./.fat_cache).")

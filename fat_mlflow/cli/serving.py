@@ -6,6 +6,8 @@ from typing import TYPE_CHECKING
 
 import click
 
+from fat_mlflow.cli.options import bad_audio_option, cache_option
+
 if TYPE_CHECKING:  # mlflow is imported when a command runs: --help stays fast
     from mlflow.pyfunc import PyFuncModel
 
@@ -40,13 +42,17 @@ def _load_tagger(model_uri: str) -> PyFuncModel:
 @click.option("--data", type=click.Path(file_okay=False), default="",
               help="The runs' dataset; with test_truth.csv the ensemble is scored on the test "
                    "set. Empty: no scoring, and the alias moves only if no version holds it.")
-def ensemble(run_ids: str, registered_model: str, alias: str, data: str) -> None:
+@cache_option
+@bad_audio_option
+def ensemble(run_ids: str, registered_model: str, alias: str, data: str,
+             cache_dir: Path | None, bad_audio: str) -> None:
     """Build the ensemble of stage runs as one pyfunc model and register it."""
     from fat_mlflow.serving.ensemble import build_ensemble
 
     ids = [run_id.strip() for run_id in run_ids.split(",") if run_id.strip()]
     run_id, version = build_ensemble(ids, registered_model=registered_model, alias=alias,
-                                     data=Path(data) if data else None)
+                                     data=Path(data) if data else None, cache_dir=cache_dir,
+                                     bad_audio=bad_audio)
     click.echo(f"ensemble run: {run_id}")
     click.echo(f"registered: models:/{registered_model}/{version}")
 

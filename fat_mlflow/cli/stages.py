@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from fat_mlflow.cli.options import (
+    bad_audio_option,
     cache_option,
     data_option,
     esc50_option,
@@ -28,9 +29,7 @@ def stage_command(stage: str, summary: str) -> click.Command:
                        + ("(the previous stage)." if needs_init else "(optional)."))
     @click.option("--resume-run-id", default=None,
                   help="Continue an interrupted run of this stage at its first unfinished fold.")
-    @click.option("--bad-audio", type=click.Choice(["stop", "skip"]), default="stop",
-                  show_default=True,
-                  help="Undecodable clips: stop and list them all, or skip and log them.")
+    @bad_audio_option
     @click.option("--selection-run-ids", default="", show_default=False,
                   help="stage3: 'STAGE1_RUN,STAGE2_RUN'; stage4: 'STAGE3_RUN'.",
                   hidden=stage in ("stage1", "stage2"))
@@ -121,8 +120,9 @@ def gather(run_id: str, data: str, cache_dir: Path | None) -> None:
 @click.option("--fold-jobs", type=click.IntRange(min=1), default=1, show_default=True,
               help="Train each stage's folds in this many parallel processes (one GPU each "
                    "when several are visible, else a share of the CPU threads).")
+@bad_audio_option
 def pipeline(data, profile, overrides, seed, cache_dir, archs, esc50, registered_model,
-             threshold, max_per_label_per_fold, warm_start, fold_jobs):
+             threshold, max_per_label_per_fold, warm_start, fold_jobs, bad_audio):
     """The whole warm-up pipeline: features, stages 1-4, ensemble (the `main` entry point).
 
     Without --data it builds (or reuses) the demo dataset in ./demo_data. Stages that
@@ -138,7 +138,8 @@ def pipeline(data, profile, overrides, seed, cache_dir, archs, esc50, registered
                               esc50=esc50, cache_dir=cache_dir,
                               registered_model=registered_model, threshold=threshold,
                               max_per_label_per_fold=max_per_label_per_fold,
-                              warm_start=warm_start, fold_jobs=fold_jobs)
+                              warm_start=warm_start, fold_jobs=fold_jobs,
+                              bad_audio=bad_audio)
     parent_id, table = run_pipeline(request, build_and_register)
     columns = [c for c in ("model", "lwlrap_noisy", "lwlrap_curated", "lwlrap_test",
                            "selected_clips", "selection_precision", "noisy_base_rate",

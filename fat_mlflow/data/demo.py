@@ -30,6 +30,7 @@ from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
+import click
 import numpy as np
 import pandas as pd
 import soundfile as sf
@@ -111,7 +112,7 @@ def build_demo_dataset(
 def _write_demo(esc50_dir: Path, out_dir: Path, seed: int, scale: float, choice: str,
                 recipe: DemoConfig) -> dict:
     """Every file of the demo dataset into the (new, empty) `out_dir`; returns the summary."""
-    meta = _well_recorded_classes(_read_meta(esc50_dir, choice), recipe.min_clips_per_class)
+    meta = _well_recorded_classes(read_meta(esc50_dir, choice), recipe.min_clips_per_class)
     rng = np.random.default_rng(seed)
     pools = {split: _scaled(frame, scale, rng)
              for split, frame in _split_by_source(meta, recipe.split_shares(), rng).items()}
@@ -119,12 +120,12 @@ def _write_demo(esc50_dir: Path, out_dir: Path, seed: int, scale: float, choice:
     groups = dict(zip(meta["category"], meta["target"] // ESC50_GROUP_SIZE))
     n_noisy = round(NOISY_PER_CURATED * len(pools["curated"]))
     n_test = len(pools["test"])
-    names = iter(_fnames(rng, len(pools["curated"]) + n_noisy + n_test))
+    names = iter(clip_names(rng, len(pools["curated"]) + n_noisy + n_test))
 
     curated = [([row], [row.category]) for row in pools["curated"].itertuples()]
     noisy = [_noisy_composition(pools["noisy"], i, rng) for i in range(n_noisy)]
     test = _test_compositions(pools["test"], rng)
-    noise = _label_noise([labels for _, labels in noisy], vocabulary, groups, rng)
+    noise = label_noise([labels for _, labels in noisy], vocabulary, groups, rng)
     named = {split: [(next(names), *item) for item in items]
              for split, items in (("train_curated", curated), ("train_noisy", noisy),
                                   ("test", test))}
@@ -155,24 +156,9 @@ def _write_demo(esc50_dir: Path, out_dir: Path, seed: int, scale: float, choice:
                 }
             )
 
-    _write_label_csv(out_dir / "train_curated.csv", written["train_curated"])
-    given = [{**row, "labels": n["given"]} for row, n in zip(written["train_noisy"], noise)]
-    _write_label_csv(out_dir / "train_noisy.csv", given)
-    _write_label_csv(out_dir / "test_truth.csv", written["test"])
-    submission = pd.DataFrame(0.0, index=range(n_test), columns=vocabulary)
-    submission.insert(0, "fname", [row["fname"] for row in written["test"]])
-    submission.to_csv(out_dir / "sample_submission.csv", index=False)
-    pd.DataFrame(
-        {
-            "fname": [row["fname"] for row in written["train_noisy"]],
-            "true_labels": [",".join(row["labels"]) for row in written["train_noisy"]],
-            "given_labels": [",".join(n["given"]) for n in noise],
-            "labels_correct": [n["kind"] == "none" for n in noise],
-            "noise_kind": [n["kind"] for n in noise],
-        }
-    ).to_csv(out_dir / "noise_truth.csv", index=False)
+    write_layout_tables(out_dir, written, noise, vocabulary)
     pd.DataFrame(sources).to_csv(out_dir / "demo_sources.csv", index=False)
-    shutil.copyfile(esc50_dir / "LICENSE", out_dir / "ESC50_LICENSE")
+    copy_license(esc50_dir, out_dir)
 
     summary = {
         "seed": seed,
@@ -192,7 +178,18 @@ def _write_demo(esc50_dir: Path, out_dir: Path, seed: int, scale: float, choice:
     return summary
 
 
-def _read_meta(esc50_dir: Path, choice: str) -> pd.DataFrame:
+def copy_license(esc50_dir: Path, out_dir: Path) -> None:
+    """ESC-50's licence beside the clips cut from it; a source without one gets a warning
+    line (the clips are CC BY-NC: say so when passing the dataset on), never a traceback."""
+    source = esc50_dir / "LICENSE"
+    if source.is_file():
+        shutil.copyfile(source, out_dir / "ESC50_LICENSE")
+    else:
+        click.echo(f"warning: {source} not found; the dataset is written without ESC-50's "
+                   "licence (CC BY-NC, see the ESC-50 repository)", err=True)
+
+
+def read_meta(esc50_dir: Path, choice: str) -> pd.DataFrame:
     """ESC-50's metadata, only the demo's clips unless `choice` is "all", sorted by file name."""
     path = esc50_dir / META
     if not path.is_file():
@@ -304,18 +301,19 @@ def _pick(pool: pd.DataFrame, category: str, count: int, rng: np.random.Generato
     return [clips[i] for i in picked]
 
 
-def _label_noise(
+def label_noise(
     true_labels: list[list[str]],
     vocabulary: list[str],
     groups: dict[str, int],
     rng: np.random.Generator,
+    clean_share: float = NOISY_CLEAN_SHARE,
 ) -> list[dict]:
-    """Exactly NOISY_CLEAN_SHARE of the clips keep their labels; the others get one error.
+    """Exactly `clean_share` of the clips keep their labels; the others get one error.
 
     wrong: a true label replaced by another class (mostly of the same major group),
     missing: one of several true labels dropped, extra: an unrelated label added.
     """
-    n_clean = round(NOISY_CLEAN_SHARE * len(true_labels))
+    n_clean = round(clean_share * len(true_labels))
     clean = set(rng.permutation(len(true_labels))[:n_clean].tolist())
     out = []
     for index, labels in enumerate(true_labels):
@@ -352,15 +350,35 @@ def _render(clips: list, audio_dir: Path, rng: np.random.Generator) -> np.ndarra
     return mix * (PEAK_LIMIT / peak) if peak > PEAK_LIMIT else mix
 
 
-def _fnames(rng: np.random.Generator, count: int) -> list[str]:
+def clip_names(rng: np.random.Generator, count: int, suffix: str = ".wav") -> list[str]:
     """Unique random 8-hex names like FAT2019's: the name tells nothing about the split."""
     names: dict[str, None] = {}
     while len(names) < count:
-        names[f"{int(rng.integers(0, 2**32)):08x}.wav"] = None
+        names[f"{int(rng.integers(0, 2**32)):08x}{suffix}"] = None
     return list(names)
 
 
-def _write_label_csv(path: Path, rows: list[dict]) -> None:
+def write_layout_tables(folder: Path, clips: dict[str, list[dict]], noise: list[dict],
+                        vocabulary: list[str]) -> None:
+    """The FAT2019 CSVs of `clips` (split -> rows of fname and true labels), the noisy clips
+    with the labels `noise` gives them, and `noise_truth.csv` saying which are wrong."""
+    write_label_csv(folder / "train_curated.csv", clips["train_curated"])
+    write_label_csv(folder / "train_noisy.csv",
+                    [{**row, "labels": n["given"]} for row, n in zip(clips["train_noisy"], noise)])
+    write_label_csv(folder / "test_truth.csv", clips["test"])
+    submission = pd.DataFrame(0.0, index=range(len(clips["test"])), columns=vocabulary)
+    submission.insert(0, "fname", [row["fname"] for row in clips["test"]])
+    submission.to_csv(folder / "sample_submission.csv", index=False)
+    pd.DataFrame({
+        "fname": [row["fname"] for row in clips["train_noisy"]],
+        "true_labels": [",".join(row["labels"]) for row in clips["train_noisy"]],
+        "given_labels": [",".join(n["given"]) for n in noise],
+        "labels_correct": [n["kind"] == "none" for n in noise],
+        "noise_kind": [n["kind"] for n in noise],
+    }).to_csv(folder / "noise_truth.csv", index=False)
+
+
+def write_label_csv(path: Path, rows: list[dict]) -> None:
     pd.DataFrame(
         {"fname": [r["fname"] for r in rows], "labels": [",".join(r["labels"]) for r in rows]}
     ).to_csv(path, index=False)

@@ -21,6 +21,7 @@ from torch import nn
 from fat_mlflow.config import Profile
 from fat_mlflow.engine.metrics import lwlrap, per_sample_lwlrap
 from fat_mlflow.engine.predict import predict_spectrograms
+from fat_mlflow.engine.spectrograms import ClipSpectrograms, concat, take
 from fat_mlflow.engine.timing import TRAINING_PHASE, PhaseClock
 from fat_mlflow.engine.training import EpochLog, train_fold, training_precision
 
@@ -31,14 +32,14 @@ class ClipSet:
 
     name: str
     fnames: list[str]
-    specs: list[np.ndarray]
+    specs: ClipSpectrograms
     targets: np.ndarray
     folds: np.ndarray  # -1 where a clip takes part in no fold (the test set)
 
     def subset(self, mask: np.ndarray) -> ClipSet:
         picked = np.flatnonzero(mask)
         return ClipSet(self.name, [self.fnames[i] for i in picked],
-                       [self.specs[i] for i in picked], self.targets[picked], self.folds[picked])
+                       take(self.specs, picked), self.targets[picked], self.folds[picked])
 
 
 @dataclass
@@ -106,9 +107,9 @@ def run_cross_validation(
             model = make_model(fold)
         history = train_fold(
             model,
-            [s for part in train_parts for s in part.specs],
+            concat([part.specs for part in train_parts]),
             np.concatenate([part.targets for part in train_parts]),
-            [s for part in val_parts for s in part.specs],
+            concat([part.specs for part in val_parts]),
             np.concatenate([part.targets for part in val_parts]),
             cfg, profile.augment, fold_seed, on_epoch=partial(_log_epoch, store, fold, clock),
             progress=progress, desc=f"fold {fold + 1}/{cfg.n_folds}",
@@ -130,7 +131,7 @@ def _score_fold(model, fold, sets, test, cfg, precision, clock: PhaseClock) -> F
     scoring = precision.prepare_for_scoring(model)  # as the served tagger scores
 
     def score(specs):
-        if not specs:
+        if len(specs) == 0:
             return np.zeros((0, len(next(iter(sets.values())).targets[0])), np.float32)
         return predict_spectrograms([scoring], specs, cfg.crop_frames, cfg.window_step,
                                     cfg.eval_batch_size, precision)

@@ -1,14 +1,18 @@
 """From cached log-mel spectrograms to network batches: crops, windows, standardisation.
 
 The cache holds raw log-mel images; per-image standardisation and the 3-channel copy
-happen here, at batch time, so that one cache serves every model.
+happen here, at batch time, so that one cache serves every model. Clips are read through
+`ClipSpectrograms`: a batch reads its crops, a clip's windows read the clip once, and no
+more is ever held than one batch and one clip.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
 import numpy as np
 import torch
+
+from fat_mlflow.engine.spectrograms import ClipSpectrograms, Spectrograms, as_spectrograms
 
 
 def to_network_input(crops: np.ndarray) -> torch.Tensor:
@@ -20,18 +24,21 @@ def to_network_input(crops: np.ndarray) -> torch.Tensor:
     return standardised.unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
 
 
-def random_crop(spec: np.ndarray, frames: int, rng: np.random.Generator) -> np.ndarray:
-    """A random `frames`-wide excerpt; the cache guarantees at least `frames` frames."""
-    if spec.shape[1] < frames:
-        raise ValueError(f"spectrogram has {spec.shape[1]} frames, fewer than the crop {frames}")
-    start = int(rng.integers(0, spec.shape[1] - frames + 1))
-    return spec[:, start : start + frames]
+def random_crop(specs: ClipSpectrograms, index: int, frames: int,
+                rng: np.random.Generator) -> np.ndarray:
+    """A random `frames`-wide excerpt of clip `index`; the cache guarantees at least `frames`
+    frames."""
+    length = specs.frames(index)
+    if length < frames:
+        raise ValueError(f"spectrogram has {length} frames, fewer than the crop {frames}")
+    start = int(rng.integers(0, length - frames + 1))
+    return specs.crop(index, start, frames)
 
 
-def centre_window(spec: np.ndarray, frames: int) -> np.ndarray:
-    """The `frames`-wide excerpt in the middle of a clip (the cache guarantees `frames`)."""
-    start = (spec.shape[1] - frames) // 2
-    return spec[:, start : start + frames]
+def centre_windows(specs: Spectrograms, frames: int) -> list[np.ndarray]:
+    """The `frames`-wide excerpt in the middle of each clip (the cache guarantees `frames`)."""
+    specs = as_spectrograms(specs)
+    return [specs.crop(i, (specs.frames(i) - frames) // 2, frames) for i in range(len(specs))]
 
 
 def window_starts(n_frames: int, window: int, step: int) -> np.ndarray:
@@ -42,7 +49,7 @@ def window_starts(n_frames: int, window: int, step: int) -> np.ndarray:
 
 
 def training_batches(
-    specs: Sequence[np.ndarray],
+    specs: Spectrograms,
     targets: np.ndarray,
     batch_size: int,
     crop_frames: int,
@@ -53,22 +60,34 @@ def training_batches(
     The last incomplete batch is dropped when it would hold a single clip, because
     BatchNorm cannot train on one sample.
     """
+    specs = as_spectrograms(specs)
     order = rng.permutation(len(specs))
     for begin in range(0, len(order), batch_size):
         chosen = order[begin : begin + batch_size]
         if len(chosen) < 2:
             continue
-        crops = np.stack([random_crop(specs[i], crop_frames, rng) for i in chosen])
+        crops = np.stack([random_crop(specs, i, crop_frames, rng) for i in chosen])
         yield to_network_input(crops), torch.from_numpy(targets[chosen])
 
 
 def window_batches(
-    specs: Sequence[np.ndarray], window: int, step: int, batch_size: int
+    specs: Spectrograms, window: int, step: int, batch_size: int
 ) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
-    """All windows of all clips, batched across clips; yields (inputs, clip index per row)."""
-    index = [(clip, start) for clip, spec in enumerate(specs)
-             for start in window_starts(spec.shape[1], window, step)]
-    for begin in range(0, len(index), batch_size):
-        chunk = index[begin : begin + batch_size]
-        crops = np.stack([specs[clip][:, start : start + window] for clip, start in chunk])
-        yield to_network_input(crops), np.fromiter((clip for clip, _ in chunk), dtype=np.int64)
+    """All windows of all clips, batched across clips; yields (inputs, clip index per row).
+
+    Each clip is read once, whole, and cut into its windows; a batch may end inside a clip.
+    """
+    specs = as_spectrograms(specs)
+    crops: list[np.ndarray] = []
+    owners: list[int] = []
+    for clip in range(len(specs)):
+        starts = window_starts(specs.frames(clip), window, step)
+        whole = specs.clip(clip)
+        for start in starts:
+            crops.append(whole[:, start : start + window])
+            owners.append(clip)
+            if len(crops) == batch_size:
+                yield to_network_input(np.stack(crops)), np.array(owners, dtype=np.int64)
+                crops, owners = [], []
+    if crops:
+        yield to_network_input(np.stack(crops)), np.array(owners, dtype=np.int64)

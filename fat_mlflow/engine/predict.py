@@ -9,12 +9,13 @@ from torch import nn
 
 from fat_mlflow.engine.dataset import window_batches
 from fat_mlflow.engine.precision import Precision, resolve_precision
+from fat_mlflow.engine.spectrograms import Spectrograms
 
 
 @torch.inference_mode()
 def predict_spectrograms(
     models: Sequence[nn.Module],
-    specs: Sequence[np.ndarray],
+    specs: Spectrograms,
     window: int = 128,
     step: int = 48,
     batch_size: int = 256,

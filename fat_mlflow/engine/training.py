@@ -6,7 +6,7 @@ decides what to record, so the engine also runs on machines without MLflow.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,10 +16,11 @@ from tqdm.auto import tqdm
 
 from fat_mlflow.config import AugmentConfig, TrainConfig
 from fat_mlflow.engine.augment import build_batch_augment
-from fat_mlflow.engine.dataset import centre_window, training_batches
+from fat_mlflow.engine.dataset import centre_windows, training_batches
 from fat_mlflow.engine.metrics import lwlrap
 from fat_mlflow.engine.precision import Precision, resolve_precision
 from fat_mlflow.engine.predict import predict_spectrograms
+from fat_mlflow.engine.spectrograms import Spectrograms
 
 
 @dataclass(frozen=True)
@@ -57,9 +58,9 @@ def steps_per_epoch(n_clips: int, batch_size: int) -> int:
 
 def train_fold(
     model: nn.Module,
-    train_specs: Sequence[np.ndarray],
+    train_specs: Spectrograms,
     train_targets: np.ndarray,
-    val_specs: Sequence[np.ndarray],
+    val_specs: Spectrograms,
     val_targets: np.ndarray,
     cfg: TrainConfig,
     augment: AugmentConfig,
@@ -147,7 +148,7 @@ def augmented_step(
 
 def evaluate(
     model: nn.Module,
-    specs: Sequence[np.ndarray],
+    specs: Spectrograms,
     targets: np.ndarray,
     cfg: TrainConfig,
     precision: Precision,
@@ -161,7 +162,7 @@ def evaluate(
     """
     if len(specs) == 0 or targets.sum() == 0:
         return float("nan")
-    centres = [centre_window(spec, cfg.crop_frames) for spec in specs]
+    centres = centre_windows(specs, cfg.crop_frames)
     scores = predict_spectrograms([model], centres, cfg.crop_frames, cfg.crop_frames,
                                   cfg.eval_batch_size, precision)
     return lwlrap(targets, scores)

@@ -38,7 +38,8 @@ from fat_mlflow.warmup.tracking import (
     TAG_PIPELINE,
     TAG_STAGE,
     configure_tracking,
-    download,
+    downloaded,
+    read_bytes,
     read_table,
 )
 
@@ -168,7 +169,8 @@ def pipeline_row(pipeline_id: str, dataset: FatDataset) -> dict:
 def single_fold_lwlrap(stage_run_id: str, dataset: FatDataset, fold: int) -> float:
     """Test lwlrap of one fold model, from the scores the stage run kept for that fold."""
     fnames = read_table(stage_run_id, "test_scores.csv")["fname"]
-    with np.load(download(stage_run_id, f"folds/fold_{fold}/scores.npz")) as scores:
+    with downloaded(stage_run_id, f"folds/fold_{fold}/scores.npz") as path, \
+            np.load(path) as scores:
         fold_scores = scores["test"]
     truth = dataset.targets(dataset.test.set_index("fname").loc[fnames].reset_index())
     return lwlrap(truth, fold_scores)
@@ -396,7 +398,7 @@ def _copy_figures(runs: pd.DataFrame, out_dir: Path) -> list[Path]:
     copied = []
     for name, (run_id, artifact) in wanted.items():
         target = out_dir / name
-        target.write_bytes(download(run_id, artifact).read_bytes())
+        target.write_bytes(read_bytes(run_id, artifact))
         copied.append(target)
     return copied
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import io
 import tempfile
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,19 +33,22 @@ from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 
 from fat_mlflow.config import FeatureConfig
 from fat_mlflow.data.audio import load_audio
+from fat_mlflow.data.features import BadAudioError
 from fat_mlflow.data.layout import FatDataset, dataset_fingerprint, load_dataset
 from fat_mlflow.engine.metrics import lwlrap, per_class_lwlrap
+from fat_mlflow.memory import peak_memory
 from fat_mlflow.plots import plot_per_class
 from fat_mlflow.serving.baseline import floor_test_lwlrap
-from fat_mlflow.serving.submission import score_all
+from fat_mlflow.serving.submission import score_files
 from fat_mlflow.serving.tagger import (
     BASE64_COLUMN,
+    ERROR_COLUMN,
     EnsembleSpec,
     MemberRun,
     load_local_model,
     pyfunc_arguments,
 )
-from fat_mlflow.warmup.stage_inputs import STAGES
+from fat_mlflow.warmup.stage_inputs import SKIP_HINT, STAGES
 from fat_mlflow.warmup.tracking import (
     PROFILE_ARTIFACT,
     TAG_ARCH,
@@ -57,6 +61,7 @@ from fat_mlflow.warmup.tracking import (
     configure_tracking,
     fold_model_path,
     get_run,
+    log_bad_audio,
     log_table,
     read_json,
 )
@@ -129,15 +134,17 @@ def read_source_runs(run_ids: list[str], dataset: str | None) -> list[SourceRun]
     return sources
 
 
-def ensemble_spec(sources: list[SourceRun]) -> tuple[EnsembleSpec, dict[str, str]]:
-    """The spec and the pyfunc artifacts: every fold checkpoint, downloaded from its run."""
+def ensemble_spec(sources: list[SourceRun],
+                  folder: Path) -> tuple[EnsembleSpec, dict[str, str]]:
+    """The spec and the pyfunc artifacts: every fold checkpoint, downloaded from its run into
+    `folder` (the caller's, removed with it)."""
     artifacts: dict[str, str] = {}
     members = []
     for index, source in enumerate(sources):
         keys = []
         for fold in range(source.n_folds):
             key = f"run{index}_fold{fold}"
-            artifacts[key] = str(fold_model_path(source.run_id, fold))
+            artifacts[key] = str(fold_model_path(source.run_id, fold, folder / key))
             keys.append(key)
         members.append(MemberRun(source.run_id, source.stage, source.arch, source.window,
                                  source.step, tuple(keys)))
@@ -154,16 +161,34 @@ def example_request(path: Path, sample_rate: int) -> pd.DataFrame:
     return pd.DataFrame({BASE64_COLUMN: [base64.b64encode(buffer.getvalue()).decode("ascii")]})
 
 
-def evaluate(model: mlflow.pyfunc.PyFuncModel, dataset: FatDataset,
-             progress: bool = True) -> tuple[float, pd.Series, pd.DataFrame]:
-    """Test lwlrap, per-class lwlrap and the test scores of a logged ensemble."""
-    scored = score_all(model, dataset.test, progress=progress)
-    scores = scored[dataset.vocabulary].to_numpy()
-    truth = dataset.targets(dataset.test)
+@dataclass(frozen=True)
+class Evaluation:
+    """A logged ensemble scored on the test clips (those that could be decoded)."""
+
+    lwlrap: float
+    per_class: pd.Series
+    scores: pd.DataFrame  # fname + one column per class
+    failures: dict[str, str]  # path -> why the clip could not be scored
+
+
+def evaluate(model: mlflow.pyfunc.PyFuncModel, dataset: FatDataset, progress: bool = True,
+             bad_audio: str = "stop") -> Evaluation:
+    """Test lwlrap, per-class lwlrap and the test scores of a logged ensemble. A clip that
+    cannot be scored stops it (BadAudioError, every clip listed), or with `bad_audio` "skip"
+    is left out and reported in `failures`."""
+    scored = score_files(model, dataset.test["path"], progress=progress).reset_index(drop=True)
+    failed = (scored[ERROR_COLUMN] != "").to_numpy()
+    failures = dict(zip(dataset.test["path"].astype(str)[failed], scored[ERROR_COLUMN][failed]))
+    if failures and bad_audio != "skip":
+        raise BadAudioError(failures, SKIP_HINT)
+    test = dataset.test[~failed]
+    scores = scored.loc[~failed, dataset.vocabulary].to_numpy()
+    truth = dataset.targets(test)
     per_class, _ = per_class_lwlrap(truth, scores)
-    table = scored[dataset.vocabulary]
-    table.insert(0, "fname", dataset.test["fname"].to_numpy())
-    return lwlrap(truth, scores), pd.Series(per_class, index=dataset.vocabulary), table
+    table = scored.loc[~failed, dataset.vocabulary].reset_index(drop=True)
+    table.insert(0, "fname", test["fname"].to_numpy())
+    return Evaluation(lwlrap(truth, scores), pd.Series(per_class, index=dataset.vocabulary),
+                      table, failures)
 
 
 def takes_alias(new: VersionScore, holder: VersionScore | None) -> bool:
@@ -189,13 +214,16 @@ def alias_holder(client: MlflowClient, name: str, alias: str) -> VersionScore | 
 
 def build_ensemble(run_ids: list[str], registered_model: str = "fat2019-tagger",
                    alias: str = "champion", data: Path | str | None = None,
-                   progress: bool = True, cache_dir: Path | None = None) -> tuple[str, str]:
+                   progress: bool = True, cache_dir: Path | None = None,
+                   bad_audio: str = "stop") -> tuple[str, str]:
     """Log the ensemble of `run_ids` as one pyfunc model, score it, register a new version.
 
     `data` (FAT2019 layout) must be the dataset the runs were trained on; when it has
     test_truth.csv the ensemble's lwlrap_test decides the alias, and the logistic floor
     (fat_mlflow.serving.baseline) is scored beside it on the same clips, from the feature cache in
-    `cache_dir`. Returns (ensemble run ID, registered version number).
+    `cache_dir`. Test clips that cannot be decoded stop it, or with `bad_audio` "skip" are
+    left out of both scores and logged as `bad_audio.csv`. Returns (ensemble run ID,
+    registered version number).
     """
     configure_tracking()
     dataset = load_dataset(data) if data else None
@@ -205,7 +233,7 @@ def build_ensemble(run_ids: list[str], registered_model: str = "fat2019-tagger",
     example_data = dataset or _dataset_of(sources[0])
     with tempfile.TemporaryDirectory(prefix="fat-ensemble-") as tmp, \
             mlflow.start_run(run_name="ensemble", nested=mlflow.active_run() is not None) as run:
-        spec, artifacts = ensemble_spec(sources)
+        spec, artifacts = ensemble_spec(sources, Path(tmp) / "checkpoints")
         mlflow.set_tags({TAG_STAGE: "ensemble", TAG_DATASET: fingerprint,
                          TAG_COMPLETE: "false"})
         mlflow.log_params({"source_run_ids": ",".join(run_ids), "registered_model": registered_model,
@@ -219,8 +247,12 @@ def build_ensemble(run_ids: list[str], registered_model: str = "fat2019-tagger",
         )
         score, floor = None, None
         if dataset is not None and dataset.has_test_truth:
-            score = _log_evaluation(info, dataset, progress)
-            floor = _log_floor(dataset, spec.features, cache_dir, score)
+            with peak_memory() as peak:
+                score = _log_evaluation(info, dataset, progress, bad_audio)
+            mlflow.log_metrics(peak.metrics)
+            with peak_memory("floor_") as peak:
+                floor = _log_floor(dataset, spec.features, cache_dir, score, bad_audio)
+            mlflow.log_metrics(peak.metrics)
         version = _register(info.model_uri, registered_model, alias,
                             VersionScore(score, fingerprint), run_ids, floor)
         mlflow.set_tag(TAG_COMPLETE, "true")
@@ -242,22 +274,28 @@ def _dataset_of(source: SourceRun) -> FatDataset | None:
 
 
 def _log_evaluation(info: mlflow.models.model.ModelInfo, dataset: FatDataset,
-                    progress: bool) -> float:
-    model = load_local_model(info.model_uri)
-    score, per_class, scores = evaluate(model, dataset, progress)
-    mlflow.log_metric("lwlrap_test", score, model_id=info.model_id)
-    log_table(scores, "test_scores.csv")
-    log_table(per_class.rename("lwlrap").rename_axis("label").reset_index(), "per_class_lwlrap.csv")
-    figure = plot_per_class(per_class, title=f"ensemble: test lwlrap {score:.3f}")
+                    progress: bool, bad_audio: str) -> float:
+    started = time.perf_counter()
+    result = evaluate(load_local_model(info.model_uri), dataset, progress, bad_audio)
+    mlflow.log_metric("lwlrap_test", result.lwlrap, model_id=info.model_id)
+    mlflow.log_metric("evaluation_seconds", time.perf_counter() - started)
+    log_table(result.scores, "test_scores.csv")
+    log_table(result.per_class.rename("lwlrap").rename_axis("label").reset_index(),
+              "per_class_lwlrap.csv")
+    log_bad_audio(result.failures)
+    figure = plot_per_class(result.per_class, title=f"ensemble: test lwlrap {result.lwlrap:.3f}")
     mlflow.log_figure(figure, "per_class_lwlrap.png")
     plt.close(figure)
-    return score
+    return result.lwlrap
 
 
 def _log_floor(dataset: FatDataset, features: FeatureConfig, cache_dir: Path | None,
-               score: float) -> float | None:
+               score: float, bad_audio: str) -> float | None:
     """The floor's test lwlrap (the better of its two training sets) beside the ensemble's."""
-    floors = floor_test_lwlrap(dataset, features, cache_dir)
+    started = time.perf_counter()
+    floors, failures = floor_test_lwlrap(dataset, features, cache_dir, bad_audio)
+    mlflow.log_metric("floor_seconds", time.perf_counter() - started)
+    log_bad_audio(failures, "floor_bad_audio.csv")
     if not floors:
         return None
     mlflow.log_metrics({f"floor_lwlrap_{name}": value for name, value in floors.items()})
@@ -303,11 +341,11 @@ FLOOR_TRAINING_SETS = ("curated", "curated_noisy")
 
 
 def build_and_register(run_ids: list[str], data: Path, registered_model: str,
-                       cache_dir: Path | None) -> dict:
+                       cache_dir: Path | None, bad_audio: str = "stop") -> dict:
     """The pipeline's ensemble step (`run_pipeline`): build and register the ensemble of
     `run_ids`, and return its row of the stage report, the floor's test lwlrap beside it."""
     run_id, version = build_ensemble(run_ids, registered_model=registered_model, data=data,
-                                     cache_dir=cache_dir)
+                                     cache_dir=cache_dir, bad_audio=bad_audio)
     metrics = MlflowClient().get_run(run_id).data.metrics
     return {"model": "ensemble", "arch": "all",
             "stage": "ensemble", "run_id": run_id, "lwlrap_test": metrics.get("lwlrap_test"),

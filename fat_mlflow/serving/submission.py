@@ -55,17 +55,6 @@ def partial_path(output: Path, model: PyFuncModel) -> Path:
     return output.with_name(f".{output.name}.{model.metadata.model_uuid or 'model'}.partial")
 
 
-class SubmissionError(ValueError):
-    """Some clips could not be scored; a submission with holes would be rejected by Kaggle."""
-
-    def __init__(self, failures: dict[str, str]):
-        self.failures = failures
-        listing = "\n  ".join(failures[name] for name in sorted(failures)[:MAX_LISTED])
-        more = len(failures) - MAX_LISTED
-        tail = f"\n  ... and {more} more" if more > 0 else ""
-        super().__init__(f"{len(failures)} clip(s) could not be scored:\n  {listing}{tail}")
-
-
 def list_clips(source: Path, audio_dir: Path | None = None) -> tuple[pd.DataFrame, list[str] | None]:
     """Clips to score as (fname, path), plus the class columns a CSV source prescribes.
 
@@ -196,13 +185,3 @@ def _write_atomically(table: pd.DataFrame, target: Path) -> None:
         os.replace(staging, target)
     finally:
         staging.unlink(missing_ok=True)
-
-
-def score_all(model: PyFuncModel, clips: pd.DataFrame, batch_clips: int = ServingConfig.batch_clips,
-              progress: bool = True) -> pd.DataFrame:
-    """Model output for every clip (fname, path) in order; SubmissionError lists failed clips."""
-    scored = score_files(model, clips["path"], batch_clips, progress).reset_index(drop=True)
-    failed = (scored[ERROR_COLUMN] != "").to_numpy()
-    if failed.any():
-        raise SubmissionError(dict(zip(clips["fname"][failed], scored[ERROR_COLUMN][failed])))
-    return scored

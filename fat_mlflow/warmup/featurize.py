@@ -5,12 +5,17 @@ import dataclasses
 from pathlib import Path
 
 import mlflow
-import pandas as pd
 
 from fat_mlflow.config import FeatureConfig
 from fat_mlflow.data.features import CacheStats, FeatureCache
 from fat_mlflow.data.layout import dataset_fingerprint, load_dataset
-from fat_mlflow.warmup.tracking import TAG_DATASET, TAG_STAGE, configure_tracking, log_table
+from fat_mlflow.memory import peak_memory
+from fat_mlflow.warmup.tracking import (
+    TAG_DATASET,
+    TAG_STAGE,
+    configure_tracking,
+    log_bad_audio,
+)
 
 
 def run_features(data: Path, cfg: FeatureConfig, cache_dir: Path | None, jobs: int,
@@ -25,9 +30,9 @@ def run_features(data: Path, cfg: FeatureConfig, cache_dir: Path | None, jobs: i
         mlflow.set_tags({TAG_STAGE: "features", TAG_DATASET: dataset_fingerprint(dataset)})
         mlflow.log_params({**{f"features.{k}": v for k, v in dataclasses.asdict(cfg).items()},
                            "data": str(data), "cache_dir": str(cache.folder), "jobs": jobs})
-        stats = cache.compute(paths, n_jobs=jobs, progress=progress)
-        mlflow.log_metrics(stats.as_metrics())
-        if stats.failures:
-            log_table(pd.DataFrame(sorted(stats.failures.items()), columns=["path", "reason"]),
-                      "bad_audio.csv")
+        with peak_memory() as peak:
+            stats = cache.compute(paths, n_jobs=jobs, progress=progress)
+        mlflow.log_metrics({**stats.as_metrics(), **peak.metrics,
+                            "store_bytes": float(cache.store.disk_bytes())})
+        log_bad_audio(stats.failures)
     return stats

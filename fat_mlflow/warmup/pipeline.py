@@ -36,9 +36,15 @@ from fat_mlflow.config import DemoConfig, Profile
 from fat_mlflow.data.demo import SUMMARY_FILE, DemoExistsError, build_demo_dataset
 from fat_mlflow.data.esc50 import locate_esc50
 from fat_mlflow.data.layout import dataset_fingerprint, load_dataset
+from fat_mlflow.data.features import BadAudioError
 from fat_mlflow.plots import plot_stage_table
 from fat_mlflow.warmup.featurize import run_features
-from fat_mlflow.warmup.stage_inputs import StageRequest, check_pipeline_data, format_folds
+from fat_mlflow.warmup.stage_inputs import (
+    SKIP_HINT,
+    StageRequest,
+    check_pipeline_data,
+    format_folds,
+)
 from fat_mlflow.warmup.stages import gather_stage, run_stage
 from fat_mlflow.warmup.tracking import (
     TAG_COMPLETE,
@@ -48,6 +54,7 @@ from fat_mlflow.warmup.tracking import (
     configure_tracking,
     finished_folds,
     get_run,
+    log_bad_audio,
     log_dataset_inputs,
     log_table,
 )
@@ -65,7 +72,7 @@ class FoldJobError(RuntimeError):
 DEMO_DIR = Path("demo_data")  # where the main job builds the demo, beside the MLproject
 # The last step: (stage run IDs, dataset, registered model name, feature cache) -> the
 # ensemble's row of the stage report.
-EnsembleStep = Callable[[list[str], Path, str, Path | None], dict]
+EnsembleStep = Callable[[list[str], Path, str, Path | None, str], dict]
 
 
 @dataclass
@@ -83,6 +90,7 @@ class PipelineRequest:
     progress: bool = True
     tags: dict[str, str] = field(default_factory=dict)  # extra tags of the parent run
     fold_jobs: int = 1  # > 1: parallel fold-job processes per stage (1: in this process)
+    bad_audio: str = "stop"  # or "skip": undecodable clips left out, listed as bad_audio.csv
 
 
 def inputs_hash(request: StageRequest) -> str:
@@ -246,7 +254,7 @@ def run_arch_chain(request: PipelineRequest, data: Path, arch: str, parent: str,
     """Stages 1-4 for one network; returns stage -> run ID."""
     profile = replace(request.profile, train=replace(request.profile.train, arch=arch))
     base = dict(data=data, profile=profile, cache_dir=request.cache_dir,
-                pipeline_run_id=parent, progress=request.progress)
+                pipeline_run_id=parent, progress=request.progress, bad_audio=request.bad_audio)
     runs: dict[str, str] = {}
 
     def init(stage: str) -> str | None:
@@ -308,15 +316,19 @@ def run_pipeline(request: PipelineRequest,
                            "pipeline.max_per_label_per_fold": request.max_per_label_per_fold,
                            "pipeline.warm_start": request.warm_start,
                            "pipeline.fold_jobs": request.fold_jobs,
+                           "pipeline.bad_audio": request.bad_audio,
                            **request.profile.flat()})
-        run_features(data, request.profile.features, request.cache_dir, jobs=0,
-                     progress=request.progress)
+        failures = run_features(data, request.profile.features, request.cache_dir, jobs=0,
+                                progress=request.progress).failures
+        if failures and request.bad_audio != "skip":
+            raise BadAudioError(failures, SKIP_HINT)
+        log_bad_audio(failures)
         chains = {arch: run_arch_chain(request, data, arch, parent_id, fingerprint)
                   for arch in request.archs}
         table = stage_table(chains)
         ensemble_runs = [runs[s] for runs in chains.values() for s in ("stage2", "stage3", "stage4")]
         ensemble_row = ensemble_step(ensemble_runs, data, request.registered_model,
-                                     request.cache_dir)
+                                     request.cache_dir, request.bad_audio)
         table = pd.concat([table, pd.DataFrame([ensemble_row])], ignore_index=True)
         log_table(table, "report/stage_table.csv")
         scored = table.dropna(subset=["lwlrap_noisy", "lwlrap_curated", "lwlrap_test"], how="all")

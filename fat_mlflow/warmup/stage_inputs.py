@@ -149,7 +149,7 @@ def load_stage_data(request: StageRequest, dataset: FatDataset,
     training = {name: frames[name] for name in ("curated", "noisy") if name in frames}
     if folds is None:
         folds = new_folds(dataset, training, request.profile.train)
-    sets = {name: ClipSet(name, list(frame["fname"]), cache.load_many(frame["path"]),
+    sets = {name: ClipSet(name, list(frame["fname"]), cache.open(frame["path"]),
                           dataset.targets(frame), folds_for(folds, name, frame["fname"]))
             for name, frame in training.items()}
     test_frame = frames["test"]
@@ -157,7 +157,7 @@ def load_stage_data(request: StageRequest, dataset: FatDataset,
     if len(test_frame):
         targets = (dataset.targets(test_frame) if dataset.has_test_truth
                    else np.zeros((len(test_frame), len(dataset.vocabulary)), np.float32))
-        test = ClipSet("test", list(test_frame["fname"]), cache.load_many(test_frame["path"]),
+        test = ClipSet("test", list(test_frame["fname"]), cache.open(test_frame["path"]),
                        targets, np.full(len(test_frame), -1))
     data = StageData(dataset, dataset_fingerprint(dataset), sets, test, stats.failures)
     return data, folds

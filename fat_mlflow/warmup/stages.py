@@ -13,6 +13,7 @@ reads (features, folds, source runs) are `stage_inputs`.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import click
@@ -29,6 +30,7 @@ from fat_mlflow.engine.crossval import ClipSet, CrossValResult, assemble, run_cr
 from fat_mlflow.engine.models import build_model, load_checkpoint
 from fat_mlflow.engine.timing import PhaseClock
 from fat_mlflow.engine.training import resolve_device, training_precision
+from fat_mlflow.memory import peak_memory
 from fat_mlflow.plots import plot_fold_curves
 from fat_mlflow.warmup.selection import (
     label_counts,
@@ -59,6 +61,7 @@ from fat_mlflow.warmup.tracking import (
     fold_histories,
     fold_model_path,
     get_run,
+    log_bad_audio,
     log_dataset_inputs,
     log_table,
     read_table,
@@ -131,12 +134,22 @@ def run_stage(request: StageRequest) -> str:
 
     With `request.folds` it is a fold job instead: it joins the stage run
     `request.resume_run_id` (or prepares a new one), trains only those folds in a child run
-    of it and leaves the completion to `gather_stage`.
+    of it and leaves the completion to `gather_stage`. The step's peak memory is logged to
+    the stage run (`peak_rss_mb`).
     """
+    with peak_memory() as peak:
+        run_id = _run_stage(request)
+    mlflow.log_metrics(peak.metrics, run_id=run_id)
+    return run_id
+
+
+def _run_stage(request: StageRequest) -> str:
     clock = PhaseClock()
     with clock.phase("loading"):
         data, folds = load_stage_inputs(request)
+    with clock.phase("selection"):
         selection = select_noisy(request, data)
+    selection_seconds = clock.seconds["selection"]
     if selection is not None:
         click.echo(selection_summary(request, selection))
     if request.folds is not None and request.resume_run_id:  # a job joining its stage run
@@ -146,7 +159,7 @@ def run_stage(request: StageRequest) -> str:
     with _start_run(request) as run:
         run_id = run.info.run_id
         if not request.resume_run_id:
-            _log_inputs(request, data, folds, selection)
+            _log_inputs(request, data, folds, selection, selection_seconds)
         if request.folds is None:
             _complete(_train_folds(request, data, selection, run_id), data,
                       request.profile.train.n_folds, clock)
@@ -163,7 +176,8 @@ def _train_folds(request: StageRequest, data: StageData, selection: pd.DataFrame
 
     def make_model(fold: int):
         if request.init_run_id:
-            return load_checkpoint(fold_model_path(request.init_run_id, fold))
+            with tempfile.TemporaryDirectory(prefix="fat-mlflow-") as folder:
+                return load_checkpoint(fold_model_path(request.init_run_id, fold, Path(folder)))
         return build_model(cfg.arch, len(vocabulary), cfg.width)
 
     store = MlflowFoldStore(run_id, cfg.arch, cfg.width, len(vocabulary))
@@ -214,7 +228,13 @@ def gather_stage(run_id: str, data: Path | None = None, cache_dir: Path | None =
     another machine.
     """
     configure_tracking()
-    request = _request_from_run(get_run(run_id), data, cache_dir, progress)
+    with peak_memory("gather_") as peak:
+        _gather(_request_from_run(get_run(run_id), data, cache_dir, progress), run_id)
+    mlflow.log_metrics(peak.metrics, run_id=run_id)
+    return run_id
+
+
+def _gather(request: StageRequest, run_id: str) -> None:
     clock = PhaseClock()
     with clock.phase("loading"):
         stage_data, _ = load_stage_inputs(request)
@@ -232,7 +252,6 @@ def gather_stage(run_id: str, data: Path | None = None, cache_dir: Path | None =
     with _start_run(request):
         _complete(assemble(stage_data.sets, results, vocabulary, stage_data.test), stage_data,
                   cfg.n_folds, clock)
-    return run_id
 
 
 def _request_from_run(run: Run, data: Path | None, cache_dir: Path | None,
@@ -256,7 +275,7 @@ def _request_from_run(run: Run, data: Path | None, cache_dir: Path | None,
 
 
 def _log_inputs(request: StageRequest, data: StageData, folds: pd.DataFrame,
-                selection: pd.DataFrame | None) -> None:
+                selection: pd.DataFrame | None, selection_seconds: float) -> None:
     mlflow.set_tags({TAG_STAGE: request.stage, TAG_DATASET: data.fingerprint,
                      TAG_ARCH: request.profile.train.arch, TAG_COMPLETE: "false",
                      **({TAG_PIPELINE: request.pipeline_run_id} if request.pipeline_run_id else {}),
@@ -267,18 +286,16 @@ def _log_inputs(request: StageRequest, data: StageData, folds: pd.DataFrame,
     log_table(folds, FOLDS_ARTIFACT)
     mlflow.log_dict(request.profile.flat(), PROFILE_ARTIFACT)
     mlflow.log_dict(data.dataset.vocabulary, VOCABULARY_ARTIFACT)
-    if data.bad_audio:
-        log_table(pd.DataFrame(sorted(data.bad_audio.items()), columns=["path", "reason"]),
-                  "bad_audio.csv")
+    log_bad_audio(data.bad_audio)
     if selection is not None:
-        _log_selection(selection, data)
+        _log_selection(selection, data, selection_seconds)
 
 
-def _log_selection(selection: pd.DataFrame, data: StageData) -> None:
+def _log_selection(selection: pd.DataFrame, data: StageData, seconds: float) -> None:
     table = selection.assign(labels=selection["labels"].map(",".join))
     log_table(table, "selection/selected.csv")
     log_table(label_counts(selection, data.dataset.vocabulary), "selection/label_counts.csv")
-    metrics = {"selected_clips": float(len(selection))}
+    metrics = {"selected_clips": float(len(selection)), "selection_seconds": seconds}
     truth_path = Path(data.dataset.root) / "noise_truth.csv"
     if truth_path.exists():
         metrics.update(selection_precision(selection, pd.read_csv(truth_path)))

@@ -17,6 +17,8 @@ import re
 import tempfile
 import time
 import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
@@ -134,9 +136,10 @@ def check_source_run(
     return run
 
 
-def download(run_id: str, artifact_path: str, dst: Path | None = None) -> Path:
+def download(run_id: str, artifact_path: str, dst: Path) -> Path:
+    """A run's artifact copied into the folder `dst` (created if needed; the caller's)."""
     get_run(run_id)  # a clear "does not exist" before any artifact error
-    dst = dst or Path(tempfile.mkdtemp(prefix="fat-mlflow-"))
+    dst.mkdir(parents=True, exist_ok=True)
     try:
         local = mlflow.artifacts.download_artifacts(
             run_id=run_id, artifact_path=artifact_path, dst_path=str(dst)
@@ -146,16 +149,32 @@ def download(run_id: str, artifact_path: str, dst: Path | None = None) -> Path:
     return Path(local)
 
 
+@contextmanager
+def downloaded(run_id: str, artifact_path: str) -> Iterator[Path]:
+    """A run's artifact in a temporary folder that is removed when the block ends: a paper
+    pipeline reads gigabytes of checkpoints and tables, again on every rerun."""
+    with tempfile.TemporaryDirectory(prefix="fat-mlflow-") as folder:
+        yield download(run_id, artifact_path, Path(folder))
+
+
 def read_table(run_id: str, artifact_path: str) -> pd.DataFrame:
-    return pd.read_csv(download(run_id, artifact_path))
+    with downloaded(run_id, artifact_path) as path:
+        return pd.read_csv(path)
 
 
 def read_json(run_id: str, artifact_path: str):
-    return json.loads(download(run_id, artifact_path).read_text())
+    with downloaded(run_id, artifact_path) as path:
+        return json.loads(path.read_text())
 
 
-def fold_model_path(run_id: str, fold: int) -> Path:
-    return download(run_id, f"folds/fold_{fold}/model.pt")
+def read_bytes(run_id: str, artifact_path: str) -> bytes:
+    with downloaded(run_id, artifact_path) as path:
+        return path.read_bytes()
+
+
+def fold_model_path(run_id: str, fold: int, dst: Path) -> Path:
+    """Fold `fold`'s checkpoint of a stage run, copied into `dst`."""
+    return download(run_id, f"folds/fold_{fold}/model.pt", dst)
 
 
 def fold_histories(run_id: str, n_folds: int) -> dict[int, pd.DataFrame]:
@@ -208,6 +227,12 @@ def log_table(table: pd.DataFrame, artifact_path: str) -> None:
         mlflow.log_artifact(str(path), None if folder == "." else folder)
 
 
+def log_bad_audio(failures: dict[str, str], artifact: str = "bad_audio.csv") -> None:
+    """The clips left out (path, reason) as an artifact of the active run, if there are any."""
+    if failures:
+        log_table(pd.DataFrame(sorted(failures.items()), columns=["path", "reason"]), artifact)
+
+
 def finished_folds(run_id: str) -> dict[int, FoldResult]:
     """The folds of a stage run whose model is logged and whose scores read back whole."""
     client = MlflowClient()
@@ -224,7 +249,7 @@ def finished_folds(run_id: str) -> dict[int, FoldResult]:
 
 
 def _load_scores(run_id: str, fold: int) -> FoldResult:
-    with np.load(download(run_id, f"folds/fold_{fold}/scores.npz")) as data:
+    with downloaded(run_id, f"folds/fold_{fold}/scores.npz") as path, np.load(path) as data:
         oof = {key.removeprefix("oof_"): data[key] for key in data.files if key.startswith("oof_")}
         test = data["test"] if "test" in data.files else None
     return FoldResult(fold, oof, test)
