@@ -50,7 +50,7 @@ def test_stage_run_records_where_its_time_went(tiny_chain):
               for key, value in metrics.items()
               if key.startswith("time_") and key != "time_total_s"}
     assert {"train_steps", "validation", "oof_scoring", "test_scoring", "epoch_logging",
-            "model_setup", "saving", "loading", "outputs"} == set(phases)
+            "model_setup", "saving", "loading", "selection", "outputs"} == set(phases)
     assert all(value >= 0 for value in phases.values()) and phases["train_steps"] > 0
     # the stage's phases are its folds' phases summed, plus its own loading and outputs
     for phase in ("train_steps", "oof_scoring", "saving"):
