@@ -64,8 +64,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     crop_frames: int = 128  # training crops and inference windows
     window_step: int = 48  # sliding-window step at inference (and for OOF predictions)
-    val_window_step: int = 128  # cheaper, non-overlapping windows for the per-epoch curve
-    val_every: int = 1  # validate every n-th epoch (and always after the last one)
+    val_every: int = 1  # validate (centre window of each held-out clip) every n-th epoch and
+    # after the last one: only the curve uses it, the fold keeps its last epoch's model
     eval_batch_size: int = 256
     seed: int = 42
     device: str = "auto"  # "auto", "cpu" or "cuda"

@@ -175,6 +175,29 @@ def test_a_given_model_is_measured_alone(tracking, tmp_path, esc50_dir):
     assert float(ensemble.params["latency_clip_seconds"]) == pytest.approx(5, abs=0.1)
 
 
+def test_main_jobs_are_timed_per_stage_in_fresh_stores(demo_data, tracking, tmp_path):
+    """Two real tiny main jobs (float32, then the default where the CPU has bf16 units)."""
+    _benchmark("--only", "pipeline", "--data", str(demo_data), "--out", str(tmp_path / "b.md"))
+    _, grouped = _children(tracking)
+    rows = _by_setting(grouped["pipeline"])
+    jobs = {run.data.params["job"] for run in rows.values()}
+    assert len(jobs) == (2 if bf16_units(torch.device("cpu")) else 1)
+    baseline = rows["main job, float32 (train.amp=false)"].data.metrics
+    assert baseline["speed_vs_baseline"] == 1.0 and 0 < baseline["lwlrap_test"] <= 1
+    for job in jobs:
+        job_row = rows[f"main job, {job}"].data.metrics
+        stages = [rows[f"{job}: stage{k}"].data.metrics for k in (1, 2, 3, 4)]
+        rest = rows[f"{job}: the rest (start-up, features, ensemble)"].data.metrics
+        assert job_row["cpu_minutes"] > 0 and 0 < job_row["non_training_share"] < 1
+        assert all(0 < m["non_training_share"] < 1 for m in stages)
+        # the stages and the rest make up the job's wall time
+        assert sum(m["minutes"] for m in stages) + rest["minutes"] == pytest.approx(
+            job_row["minutes"])
+        assert job_row["speed_vs_baseline"] == pytest.approx(
+            baseline["minutes"] / job_row["minutes"])
+    assert rows["main job, float32 (train.amp=false)"].data.params["profile"] == "tiny"
+
+
 def test_unknown_benchmark_is_refused_before_any_run(tracking, tmp_path):
     result = CliRunner().invoke(main, ["benchmark", "--only", "features,speed"])
     assert result.exit_code == 2

@@ -6,7 +6,12 @@ import torch
 
 from fat_mlflow.config import get_profile
 from fat_mlflow.engine.crossval import ClipSet, run_cross_validation
-from fat_mlflow.engine.dataset import to_network_input, training_batches, window_starts
+from fat_mlflow.engine.dataset import (
+    centre_windows,
+    to_network_input,
+    training_batches,
+    window_starts,
+)
 from fat_mlflow.engine.folds import assign_folds, folds_for, stratified_folds
 from fat_mlflow.engine.models import build_model
 from fat_mlflow.engine.predict import predict_spectrograms
@@ -28,6 +33,13 @@ def test_window_starts_follow_the_seed_step():
     assert window_starts(320, 128, 48).tolist() == [0, 48, 96, 144, 192]
     with pytest.raises(ValueError, match="fewer than one window"):
         window_starts(100, 128, 48)
+
+
+def test_validation_window_is_the_middle_of_the_clip():
+    spec = np.tile(np.arange(300, dtype=np.float32), (4, 1))
+    middle, whole = centre_windows([spec, spec[:, :128]], 128)
+    assert middle[0].tolist() == list(range(86, 214))
+    assert whole.shape == (4, 128)
 
 
 def test_training_batches_cover_every_clip_once_and_skip_a_lone_last_clip():
@@ -95,8 +107,7 @@ def toy_sets(n=24, n_classes=4):
 
 
 def toy_profile(**overrides):
-    return get_profile("tiny", {"train.crop_frames": "32", "train.window_step": "8",
-                                "train.val_window_step": "16", **overrides})
+    return get_profile("tiny", {"train.crop_frames": "32", "train.window_step": "8", **overrides})
 
 
 def cross_validate(store, profile=None):
@@ -117,6 +128,10 @@ def test_cross_validation_scores_both_sets_out_of_fold_and_resumes():
         assert len(table) == 24 and set(table["fold"]) == {0, 1}
         assert table["lwlrap"].between(0, 1).all()
         assert 0 <= result.lwlrap[name] <= 1
+    for fold_result in store.results.values():  # where each fold's time went
+        assert set(fold_result.seconds) == {"model_setup", "train_steps", "validation",
+                                            "epoch_logging", "oof_scoring", "test_scoring"}
+        assert fold_result.seconds["train_steps"] > 0
     # a second call with the same store trains nothing and gives the same tables
     again = cross_validate(store)
     assert store.trained == [0, 1]

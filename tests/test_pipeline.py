@@ -39,6 +39,8 @@ def test_pipeline_links_stage_runs_and_reports_table2(tiny_chain):
         assert "report/stage_table.png" in names
         assert report["lwlrap_test"].between(0, 1).all()
         assert report.loc[report["stage"] == "stage3", "selection_precision"].between(0, 1).all()
+        stages = report[report["stage"] != "ensemble"]  # each stage's time and its overhead
+        assert (stages["minutes"] > 0).all() and stages["non_training_share"].between(0, 1).all()
         version = client.get_model_version_by_alias("fat2019-tagger", "champion")
         assert version.run_id == tiny_chain.runs["ensemble"]
 

@@ -43,6 +43,24 @@ def test_stage_run_logs_params_curves_folds_and_oof(tiny_chain):
     assert list(oof.columns[3:]) == dataset.vocabulary
 
 
+def test_stage_run_records_where_its_time_went(tiny_chain):
+    with tiny_chain.store():
+        metrics = MlflowClient().get_run(tiny_chain.runs["stage1"]).data.metrics
+    phases = {key.removeprefix("time_").removesuffix("_s"): value
+              for key, value in metrics.items()
+              if key.startswith("time_") and key != "time_total_s"}
+    assert {"train_steps", "validation", "oof_scoring", "test_scoring", "epoch_logging",
+            "model_setup", "saving", "loading", "selection", "outputs"} == set(phases)
+    assert all(value >= 0 for value in phases.values()) and phases["train_steps"] > 0
+    # the stage's phases are its folds' phases summed, plus its own loading and outputs
+    for phase in ("train_steps", "oof_scoring", "saving"):
+        assert phases[phase] == pytest.approx(sum(metrics[f"fold{fold}_time_{phase}_s"]
+                                                  for fold in (0, 1)))
+    assert metrics["time_total_s"] == pytest.approx(sum(phases.values()))
+    assert metrics["non_training_share"] == pytest.approx(
+        1 - phases["train_steps"] / metrics["time_total_s"])
+
+
 def test_later_stages_share_folds_and_record_their_sources(tiny_chain):
     runs = tiny_chain.runs
     with tiny_chain.store():

@@ -124,7 +124,9 @@ def study(profile, overrides, cache_dir, seeds, budgets, curated, out_dir, esc50
 
 @click.command()
 @click.option("--only", default="features,training,inference", show_default=True,
-              help="Comma-separated benchmarks to run.")
+              help="Comma-separated benchmarks to run, of features, training, inference and "
+                   "pipeline (the main job timed with train.amp=false and by default, each "
+                   "stage's share that is not training steps: about 25 minutes on 2 cores).")
 @click.option("--profile", "size", type=click.Choice(list(BENCHMARK_PROFILES)),
               default="standard", show_default=True,
               help="Benchmark size: 'tiny' = seconds (tests), 'standard' = a few minutes on "
@@ -146,7 +148,8 @@ def benchmark(only: str, size: str, repeats: int, data: str, esc50: str, model_u
               out: Path) -> None:
     """Speed benchmarks, each against a baseline measured in the same run: features (cache vs a
     librosa loop), training (float32 and bf16 samples/s vs both matmul peaks), inference (the
-    served ensemble vs eager float32). Each result is an MLflow run; the tables go to --out."""
+    served ensemble vs eager float32), pipeline (the main job by default vs float32). Each
+    result is an MLflow run; the tables go to --out."""
     from fat_mlflow.benchmarks.report import BenchmarkRequest, run_benchmarks
 
     try:

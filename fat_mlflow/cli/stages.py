@@ -1,6 +1,7 @@
 """`fat-mlflow stage1` .. `stage4`, `gather` and `pipeline`: the warm-up stages."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import click
@@ -141,10 +142,19 @@ def pipeline(data, profile, overrides, seed, cache_dir, archs, esc50, registered
                               bad_audio=bad_audio)
     parent_id, table = run_pipeline(request, build_and_register)
     columns = [c for c in ("model", "lwlrap_noisy", "lwlrap_curated", "lwlrap_test",
-                           "selected_clips", "selection_precision", "noisy_base_rate")
+                           "selected_clips", "selection_precision", "noisy_base_rate",
+                           "minutes", "non_training_share")
                if c in table]
-    click.echo(f"\npipeline run {parent_id}: stage report (the seed's Table 2 on this data)")
+    click.echo(f"\npipeline run {parent_id}: stage report (the seed's Table 2 on this data; "
+               "minutes of each stage, and the share of them that is not training steps)")
     report = with_floor_rows(table)[columns]
     click.echo(report.to_string(index=False, na_rep="-", float_format=lambda v: f"{v:.3f}",
-                                formatters={"selected_clips": "{:.0f}".format}))
+                                formatters={"selected_clips": _number("{:.0f}"),
+                                            "minutes": _number("{:.1f}"),
+                                            "non_training_share": _number("{:.0%}")}))
     click.echo(floor_verdict(table.iloc[-1]))
+
+
+def _number(form: str):
+    """A report column's formatter that leaves a missing figure as '-'."""
+    return lambda value: "-" if math.isnan(value) else form.format(value)

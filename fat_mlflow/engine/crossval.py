@@ -22,6 +22,7 @@ from fat_mlflow.config import Profile
 from fat_mlflow.engine.metrics import lwlrap, per_sample_lwlrap
 from fat_mlflow.engine.predict import predict_spectrograms
 from fat_mlflow.engine.spectrograms import ClipSpectrograms, concat, take
+from fat_mlflow.engine.timing import TRAINING_PHASE, PhaseClock
 from fat_mlflow.engine.training import EpochLog, train_fold, training_precision
 
 
@@ -49,6 +50,7 @@ class FoldResult:
     oof: dict[str, np.ndarray]  # set name -> scores of that set's clips in this fold, in set order
     test: np.ndarray | None
     lwlrap: dict[str, float] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)  # phase -> wall time (timing.py)
 
 
 class FoldStore(Protocol):
@@ -100,23 +102,32 @@ def run_cross_validation(
                      for name, mask in train_masks.items()]
         fold_seed = cfg.seed * 1000 + fold
         torch.manual_seed(fold_seed)
-        model = make_model(fold)
-        train_fold(
+        clock = PhaseClock()
+        with clock.phase("model_setup"):  # a warm start downloads the earlier fold model
+            model = make_model(fold)
+        history = train_fold(
             model,
             concat([part.specs for part in train_parts]),
             np.concatenate([part.targets for part in train_parts]),
             concat([part.specs for part in val_parts]),
             np.concatenate([part.targets for part in val_parts]),
-            cfg, profile.augment, fold_seed, on_epoch=partial(store.log_epoch, fold),
+            cfg, profile.augment, fold_seed, on_epoch=partial(_log_epoch, store, fold, clock),
             progress=progress, desc=f"fold {fold + 1}/{cfg.n_folds}",
         )
-        result = _score_fold(model, fold, sets, test, cfg, precision)
+        clock.add(TRAINING_PHASE, sum(log.train_seconds for log in history))
+        clock.add("validation", sum(log.validation_seconds for log in history))
+        result = _score_fold(model, fold, sets, test, cfg, precision, clock)
         store.save_fold(result, model)
         results[fold] = result
     return assemble(sets, results, vocabulary, test)
 
 
-def _score_fold(model, fold, sets, test, cfg, precision) -> FoldResult:
+def _log_epoch(store: FoldStore, fold: int, clock: PhaseClock, log: EpochLog) -> None:
+    with clock.phase("epoch_logging"):
+        store.log_epoch(fold, log)
+
+
+def _score_fold(model, fold, sets, test, cfg, precision, clock: PhaseClock) -> FoldResult:
     scoring = precision.prepare_for_scoring(model)  # as the served tagger scores
 
     def score(specs):
@@ -126,13 +137,15 @@ def _score_fold(model, fold, sets, test, cfg, precision) -> FoldResult:
                                     cfg.eval_batch_size, precision)
 
     oof, fold_lwlrap = {}, {}
-    for name, clip_set in sets.items():
-        held_out = clip_set.subset(clip_set.folds == fold)
-        oof[name] = score(held_out.specs)
-        if held_out.targets.sum() > 0:
-            fold_lwlrap[name] = lwlrap(held_out.targets, oof[name])
-    test_scores = score(test.specs) if test is not None else None
-    return FoldResult(fold, oof, test_scores, fold_lwlrap)
+    with clock.phase("oof_scoring"):
+        for name, clip_set in sets.items():
+            held_out = clip_set.subset(clip_set.folds == fold)
+            oof[name] = score(held_out.specs)
+            if held_out.targets.sum() > 0:
+                fold_lwlrap[name] = lwlrap(held_out.targets, oof[name])
+    with clock.phase("test_scoring"):
+        test_scores = score(test.specs) if test is not None else None
+    return FoldResult(fold, oof, test_scores, fold_lwlrap, clock.seconds)
 
 
 def assemble(

@@ -35,6 +35,12 @@ def random_crop(specs: ClipSpectrograms, index: int, frames: int,
     return specs.crop(index, start, frames)
 
 
+def centre_windows(specs: Spectrograms, frames: int) -> list[np.ndarray]:
+    """The `frames`-wide excerpt in the middle of each clip (the cache guarantees `frames`)."""
+    specs = as_spectrograms(specs)
+    return [specs.crop(i, (specs.frames(i) - frames) // 2, frames) for i in range(len(specs))]
+
+
 def window_starts(n_frames: int, window: int, step: int) -> np.ndarray:
     """Start frames of the sliding inference windows (the seed's test-time shifts)."""
     if n_frames < window:

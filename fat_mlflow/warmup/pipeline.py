@@ -276,7 +276,8 @@ def run_arch_chain(request: PipelineRequest, data: Path, arch: str, parent: str,
 
 
 def stage_table(chains: dict[str, dict[str, str]]) -> pd.DataFrame:
-    """The seed's Table 2 for this data: one row per (network, stage)."""
+    """The seed's Table 2 for this data: one row per (network, stage), with the stage's
+    recorded time and the share of it that is not training steps."""
     client = MlflowClient()
     rows = []
     for arch, runs in chains.items():
@@ -286,7 +287,9 @@ def stage_table(chains: dict[str, dict[str, str]]) -> pd.DataFrame:
                          "run_id": run_id,
                          **{key: metrics.get(key, np.nan) for key in
                             ("lwlrap_noisy", "lwlrap_curated", "lwlrap_test",
-                             "selection_precision", "noisy_base_rate", "selected_clips")}})
+                             "selection_precision", "noisy_base_rate", "selected_clips",
+                             "non_training_share")},
+                         "minutes": metrics.get("time_total_s", np.nan) / 60})
     return pd.DataFrame(rows)
 
 

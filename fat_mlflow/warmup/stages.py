@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-import time
 from pathlib import Path
 
 import click
@@ -29,6 +28,7 @@ from fat_mlflow.config import get_profile
 from fat_mlflow.data.layout import FatDataset
 from fat_mlflow.engine.crossval import ClipSet, CrossValResult, assemble, run_cross_validation
 from fat_mlflow.engine.models import build_model, load_checkpoint
+from fat_mlflow.engine.timing import PhaseClock
 from fat_mlflow.engine.training import resolve_device, training_precision
 from fat_mlflow.memory import peak_memory
 from fat_mlflow.plots import plot_fold_curves
@@ -65,6 +65,7 @@ from fat_mlflow.warmup.tracking import (
     log_dataset_inputs,
     log_table,
     read_table,
+    stage_time_metrics,
 )
 
 TRAINING_SPLITS = {"stage1": ("noisy",), "stage2": ("curated",), "stage3": ("curated", "noisy"),
@@ -143,10 +144,12 @@ def run_stage(request: StageRequest) -> str:
 
 
 def _run_stage(request: StageRequest) -> str:
-    data, folds = load_stage_inputs(request)
-    started = time.perf_counter()
-    selection = select_noisy(request, data)
-    selection_seconds = time.perf_counter() - started
+    clock = PhaseClock()
+    with clock.phase("loading"):
+        data, folds = load_stage_inputs(request)
+    with clock.phase("selection"):
+        selection = select_noisy(request, data)
+    selection_seconds = clock.seconds["selection"]
     if selection is not None:
         click.echo(selection_summary(request, selection))
     if request.folds is not None and request.resume_run_id:  # a job joining its stage run
@@ -159,7 +162,7 @@ def _run_stage(request: StageRequest) -> str:
             _log_inputs(request, data, folds, selection, selection_seconds)
         if request.folds is None:
             _complete(_train_folds(request, data, selection, run_id), data,
-                      request.profile.train.n_folds)
+                      request.profile.train.n_folds, clock)
         elif request.folds:
             _fold_job(request, data, selection, run_id)
     return run_id
@@ -207,8 +210,12 @@ def _fold_job(request: StageRequest, data: StageData, selection: pd.DataFrame | 
         _train_folds(request, data, selection, stage_run_id, request.folds)
 
 
-def _complete(result: CrossValResult, data: StageData, n_folds: int) -> None:
-    _log_outputs(result, data, data.dataset.vocabulary, n_folds)
+def _complete(result: CrossValResult, data: StageData, n_folds: int, clock: PhaseClock) -> None:
+    """Log the stage's outputs and where its time went, then mark it complete."""
+    with clock.phase("outputs"):
+        _log_outputs(result, data, data.dataset.vocabulary, n_folds)
+    metrics = get_run(mlflow.active_run().info.run_id).data.metrics
+    mlflow.log_metrics(stage_time_metrics(metrics, clock.seconds))
     mlflow.set_tag(TAG_COMPLETE, "true")
 
 
@@ -228,10 +235,12 @@ def gather_stage(run_id: str, data: Path | None = None, cache_dir: Path | None =
 
 
 def _gather(request: StageRequest, run_id: str) -> None:
-    stage_data, _ = load_stage_inputs(request)
-    cfg = request.profile.train
-    vocabulary = stage_data.dataset.vocabulary
-    results = MlflowFoldStore(run_id, cfg.arch, cfg.width, len(vocabulary)).finished_folds()
+    clock = PhaseClock()
+    with clock.phase("loading"):
+        stage_data, _ = load_stage_inputs(request)
+        cfg = request.profile.train
+        vocabulary = stage_data.dataset.vocabulary
+        results = MlflowFoldStore(run_id, cfg.arch, cfg.width, len(vocabulary)).finished_folds()
     missing = [fold for fold in range(cfg.n_folds) if fold not in results]
     if missing:
         raise RunLookupError(
@@ -242,7 +251,7 @@ def _gather(request: StageRequest, run_id: str) -> None:
             f"{format_folds(missing)} ...` (or wait for the job that runs them)")
     with _start_run(request):
         _complete(assemble(stage_data.sets, results, vocabulary, stage_data.test), stage_data,
-                  cfg.n_folds)
+                  cfg.n_folds, clock)
 
 
 def _request_from_run(run: Run, data: Path | None, cache_dir: Path | None,

@@ -13,7 +13,9 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import tempfile
+import time
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,6 +36,7 @@ from fat_mlflow.data.layout import FatDataset
 from fat_mlflow.engine.crossval import FoldResult
 from fat_mlflow.engine.models import save_checkpoint
 from fat_mlflow.engine.precision import Precision
+from fat_mlflow.engine.timing import PhaseClock, non_training_share
 from fat_mlflow.engine.training import EpochLog
 from fat_mlflow.locking import exclusive
 
@@ -281,6 +284,7 @@ class MlflowFoldStore:
         mlflow.log_metrics(metrics, step=log.epoch, run_id=self.run_id)
 
     def save_fold(self, result: FoldResult, model: nn.Module) -> None:
+        started = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
             model_path = Path(tmp) / "model.pt"
             save_checkpoint(model.cpu(), model_path, arch=self.arch, width=self.width,
@@ -292,5 +296,31 @@ class MlflowFoldStore:
             scores_path = Path(tmp) / "scores.npz"
             np.savez(scores_path, **arrays)
             self.client.log_artifact(self.run_id, str(scores_path), f"folds/fold_{result.fold}")
-        mlflow.log_metrics({f"fold{result.fold}_lwlrap_{name}": value
-                            for name, value in result.lwlrap.items()}, run_id=self.run_id)
+        seconds = {**result.seconds, "saving": time.perf_counter() - started}
+        mlflow.log_metrics({**{f"fold{result.fold}_lwlrap_{name}": value
+                               for name, value in result.lwlrap.items()},
+                            **{fold_time_metric(result.fold, phase): value
+                               for phase, value in seconds.items()}}, run_id=self.run_id)
+
+
+FOLD_TIME = re.compile(r"fold\d+_time_(\w+)_s")
+
+
+def fold_time_metric(fold: int, phase: str) -> str:
+    return f"fold{fold}_time_{phase}_s"
+
+
+def stage_time_metrics(metrics: dict[str, float], stage_seconds: dict[str, float]
+                       ) -> dict[str, float]:
+    """`time_<phase>_s` of a stage run: its folds' phases summed (whichever process trained
+    them: the run's `fold<k>_time_<phase>_s` metrics) plus the completing process's own
+    phases, then `time_total_s` and `non_training_share`."""
+    clock = PhaseClock()
+    for name, value in metrics.items():
+        if match := FOLD_TIME.fullmatch(name):
+            clock.add(match.group(1), value)
+    for phase, value in stage_seconds.items():
+        clock.add(phase, value)
+    return {**{f"time_{phase}_s": value for phase, value in clock.seconds.items()},
+            "time_total_s": sum(clock.seconds.values()),
+            "non_training_share": non_training_share(clock.seconds)}
