@@ -155,6 +155,46 @@ class ServingConfig:
 
 
 @dataclass(frozen=True)
+class DistillConfig:
+    """The student that `distill` trains on the ensemble's soft scores (docs/distill.md).
+
+    Each window of the curated, noisy and test clips (`teacher_step` apart) is one training
+    sample; its target is the ensemble's score, blended on curated windows with the label:
+    label_weight * label + (1 - label_weight) * teacher (BCE is linear in its target, so this
+    is the weighted sum of the two losses). The student scores a served clip every
+    `window_step` frames.
+    """
+
+    arch: str = "cnn"
+    width: float = 0.25
+    epochs: int = 3
+    batch_size: int = 32
+    lr: float = 1e-3
+    label_weight: float = 0.5
+    teacher_step: int = 64
+    window_step: int = 96
+    warm_start: bool = True  # start from the ensemble's last fold model of the same network
+    with_noisy: bool = True
+    with_test: bool = True  # the test clips' windows, unlabelled (transductive)
+    seed: int = 42
+
+    def override(self, overrides: dict[str, Any]) -> DistillConfig:
+        """`distill.field=value` (or `field=value`) overrides, coerced to the field's type."""
+        known = {f.name: f for f in fields(self)}
+        values = {}
+        for dotted, raw in overrides.items():
+            name = dotted.removeprefix("distill.")
+            if name not in known:
+                raise ValueError(f"unknown setting {dotted!r}; distill has: "
+                                 f"{', '.join(sorted(known))}")
+            values[name] = _coerce(raw, type(getattr(self, name)), dotted)
+        return replace(self, **values)
+
+    def flat(self) -> dict[str, Any]:
+        return {f"distill.{key}": value for key, value in dataclasses.asdict(self).items()}
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str
     features: FeatureConfig = field(default_factory=FeatureConfig)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from fat_mlflow.config import DistillConfig
 from fat_mlflow.data.demo import build_demo_dataset
 
 DEMO_SCALE = 0.15  # ~70 curated, ~120 noisy, ~50 test clips; builds in a few seconds
@@ -91,9 +92,14 @@ def tracking(tmp_path: Path):
         yield uri
 
 
+# the tiny profile's width: the student starts from the stage-4 fold model
+TINY_STUDENT = DistillConfig(width=0.125, epochs=1, teacher_step=64, window_step=96)
+
+
 @dataclasses.dataclass
 class TinyChain:
-    """The whole pipeline (stages 1-4 + ensemble), `tiny` profile, run once per session."""
+    """The whole pipeline (stages 1-4, ensemble, student), `tiny` profile, run once per
+    session."""
 
     root: Path
     tracking_uri: str
@@ -111,14 +117,16 @@ class TinyChain:
 @pytest.fixture(scope="session")
 def tiny_chain(demo_data: Path, tmp_path_factory: pytest.TempPathFactory) -> TinyChain:
     from fat_mlflow.config import get_profile
+    from fat_mlflow.serving.distill import distill_and_register
     from fat_mlflow.serving.ensemble import build_and_register
     from fat_mlflow.warmup.pipeline import PipelineRequest, run_pipeline
 
     root = tmp_path_factory.mktemp("chain")
     request = PipelineRequest(data=demo_data, profile=get_profile("tiny"), archs=["cnn"],
-                              esc50=Path("unused"), threshold=0.0, progress=False)
+                              esc50=Path("unused"), threshold=0.0, progress=False,
+                              distill=TINY_STUDENT)
     with isolated_tracking(root) as uri:
-        parent, table = run_pipeline(request, build_and_register)
+        parent, table = run_pipeline(request, build_and_register, distill_and_register)
     runs = dict(zip(table["stage"], table["run_id"]))
     return TinyChain(root, uri, demo_data, parent, runs, table)
 

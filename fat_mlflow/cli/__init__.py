@@ -38,7 +38,7 @@ def main() -> None:
 
 
 for command in (data.demo_data, data.features, data.cache, *stages.STAGE_COMMANDS,
-                stages.gather, stages.pipeline, serving.ensemble, serving.predict, serving.tag,
+                stages.gather, stages.pipeline, serving.ensemble, serving.distill, serving.predict, serving.tag,
                 experiments.ablations, experiments.study, experiments.benchmark,
                 experiments.scale, experiments.results):
     main.add_command(command)

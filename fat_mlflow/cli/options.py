@@ -22,6 +22,13 @@ def resolve_profile(name: str, overrides: tuple[str, ...], seed: int | None) -> 
         raise click.BadParameter(str(error), param_hint="--profile/--set") from error
 
 
+def split_distill_items(overrides: tuple[str, ...]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """--set items for the profile, and those for the student (`distill.FIELD=VALUE`)."""
+    items = [item for group in overrides for item in group.split()]
+    return (tuple(i for i in items if not i.startswith("distill.")),
+            tuple(i for i in items if i.startswith("distill.")))
+
+
 def profile_options(func: Callable) -> Callable:
     """--profile, --set and --seed, shared by every command that trains."""
     func = click.option("--seed", type=int, default=None,

@@ -1,4 +1,5 @@
-"""`fat-mlflow ensemble`, `predict` and `tag`: the registered model and scoring with it."""
+"""`fat-mlflow ensemble`, `distill`, `predict` and `tag`: the registered models and scoring
+with them."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,6 +11,8 @@ from fat_mlflow.cli.options import bad_audio_option, cache_option
 
 if TYPE_CHECKING:  # mlflow is imported when a command runs: --help stays fast
     from mlflow.pyfunc import PyFuncModel
+
+    from fat_mlflow.config import DistillConfig
 
 DEFAULT_MODEL_URI = "models:/fat2019-tagger@champion"
 model_option = click.option("--model", "model_uri", default=DEFAULT_MODEL_URI, show_default=True,
@@ -29,6 +32,56 @@ def _load_tagger(model_uri: str) -> PyFuncModel:
         return load_local_model(model_uri)
     except (mlflow.exceptions.MlflowException, OSError) as error:
         raise click.ClickException(f"cannot load model {model_uri}: {error}") from error
+
+
+def distill_settings(overrides: tuple[str, ...]) -> DistillConfig:
+    """DistillConfig with --set distill.FIELD=VALUE items applied (a usage error if bad)."""
+    from fat_mlflow.config import DistillConfig, parse_overrides
+
+    try:
+        items = parse_overrides([item for group in overrides for item in group.split()])
+        return DistillConfig().override(items)
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="--set") from error
+
+
+distill_set_option = click.option(
+    "--set", "overrides", multiple=True, metavar="distill.FIELD=VALUE",
+    help="Student settings (DistillConfig), e.g. --set distill.width=0.5 --set "
+         "'distill.epochs=4 distill.lr=0.001'. Repeatable.")
+
+
+@click.command()
+@click.option("--teacher", default=DEFAULT_MODEL_URI, show_default=True,
+              help="The ensemble to distil: models:/NAME@ALIAS, models:/NAME/VERSION, or its "
+                   "ensemble run ID.")
+@distill_set_option
+@click.option("--data", type=click.Path(file_okay=False), default="",
+              help="The ensemble's dataset, when it is not where its stages were trained.")
+@click.option("--registered-model", default="fat2019-tagger-fast", show_default=True,
+              help="Model-registry name of the student; every call registers a new version.")
+@click.option("--alias", default="champion", show_default=True,
+              help="Alias moved to the new version when its test lwlrap is not worse.")
+@cache_option
+@bad_audio_option
+def distill(teacher: str, overrides: tuple[str, ...], data: str,
+            registered_model: str, alias: str, cache_dir: Path | None,
+            bad_audio: str) -> None:
+    """Distil the ensemble into one student network and register it beside the ensemble.
+
+    The student learns the ensemble's scores on every window of the curated, noisy and
+    (unlabelled) test clips, plus the curated labels; it is served like the ensemble, at a
+    fraction of its cost (docs/distill.md).
+    """
+    from fat_mlflow.serving.distill import DistillRequest, run_distill
+
+    request = DistillRequest(teacher=teacher, config=distill_settings(overrides),
+                             data=Path(data) if data else None,
+                             registered_model=registered_model, alias=alias,
+                             cache_dir=cache_dir, bad_audio=bad_audio)
+    run_id, version = run_distill(request)
+    click.echo(f"distill run: {run_id}")
+    click.echo(f"registered: models:/{registered_model}/{version}")
 
 
 @click.command()

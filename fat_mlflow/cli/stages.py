@@ -13,6 +13,7 @@ from fat_mlflow.cli.options import (
     esc50_option,
     profile_options,
     resolve_profile,
+    split_distill_items,
 )
 
 
@@ -121,17 +122,33 @@ def gather(run_id: str, data: str, cache_dir: Path | None) -> None:
               help="Train each stage's folds in this many parallel processes (one GPU each "
                    "when several are visible, else a share of the CPU threads).")
 @bad_audio_option
+@click.option("--distill", type=bool, default=True, show_default=True,
+              help="Also distil the ensemble into one fast network, registered as "
+                   "REGISTERED_MODEL-fast (settings: --set distill.FIELD=VALUE; "
+                   "docs/distill.md).")
 def pipeline(data, profile, overrides, seed, cache_dir, archs, esc50, registered_model,
-             threshold, max_per_label_per_fold, warm_start, fold_jobs, bad_audio):
-    """The whole warm-up pipeline: features, stages 1-4, ensemble (the `main` entry point).
+             threshold, max_per_label_per_fold, warm_start, fold_jobs, bad_audio, distill):
+    """The whole warm-up pipeline: features, stages 1-4, ensemble, student (the `main`
+    entry point).
 
     Without --data it builds (or reuses) the demo dataset in ./demo_data. Stages that
     already finished with the same inputs are reused; an interrupted one is resumed.
     """
-    from fat_mlflow.serving.ensemble import build_and_register, floor_verdict, with_floor_rows
+    from dataclasses import replace
+
+    from fat_mlflow.cli.serving import distill_settings
+    from fat_mlflow.serving.distill import distill_and_register
+    from fat_mlflow.serving.ensemble import (
+        build_and_register,
+        ensemble_row,
+        floor_verdict,
+        with_floor_rows,
+    )
     from fat_mlflow.warmup.pipeline import PipelineRequest, run_pipeline
 
-    chosen = resolve_profile(profile, overrides, seed)
+    profile_items, distill_items = split_distill_items(overrides)
+    chosen = resolve_profile(profile, profile_items, seed)
+    student = replace(distill_settings(distill_items), seed=chosen.train.seed) if distill else None
     arch_list = [a.strip() for a in archs.split(",") if a.strip()] or (
         ["cnn", "vgg16"] if chosen.name == "paper" else ["cnn"])
     request = PipelineRequest(data=Path(data) if data else None, profile=chosen, archs=arch_list,
@@ -139,8 +156,8 @@ def pipeline(data, profile, overrides, seed, cache_dir, archs, esc50, registered
                               registered_model=registered_model, threshold=threshold,
                               max_per_label_per_fold=max_per_label_per_fold,
                               warm_start=warm_start, fold_jobs=fold_jobs,
-                              bad_audio=bad_audio)
-    parent_id, table = run_pipeline(request, build_and_register)
+                              bad_audio=bad_audio, distill=student)
+    parent_id, table = run_pipeline(request, build_and_register, distill_and_register)
     columns = [c for c in ("model", "lwlrap_noisy", "lwlrap_curated", "lwlrap_test",
                            "selected_clips", "selection_precision", "noisy_base_rate",
                            "minutes", "non_training_share")
@@ -152,7 +169,7 @@ def pipeline(data, profile, overrides, seed, cache_dir, archs, esc50, registered
                                 formatters={"selected_clips": _number("{:.0f}"),
                                             "minutes": _number("{:.1f}"),
                                             "non_training_share": _number("{:.0%}")}))
-    click.echo(floor_verdict(table.iloc[-1]))
+    click.echo(floor_verdict(ensemble_row(table)))
 
 
 def _number(form: str):

@@ -1,27 +1,38 @@
 """Sliding-window inference: the seed's test-time procedure, shared by OOF and the ensemble."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from fat_mlflow.engine.dataset import window_batches
+from fat_mlflow.engine.dataset import window_batches, window_starts
 from fat_mlflow.engine.precision import Precision, resolve_precision
-from fat_mlflow.engine.spectrograms import Spectrograms
+from fat_mlflow.engine.spectrograms import Spectrograms, as_spectrograms
+
+
+def window_positions(specs: Spectrograms, window: int, step: int) -> tuple[np.ndarray, np.ndarray]:
+    """(clip index, start frame) of every sliding window, in the order `window_batches` cuts
+    them (from the clips' frame counts alone: nothing is read)."""
+    specs = as_spectrograms(specs)
+    starts = [window_starts(specs.frames(i), window, step) for i in range(len(specs))]
+    clips = [np.full(len(s), i, dtype=np.int64) for i, s in enumerate(starts)]
+    return (np.concatenate(clips) if clips else np.zeros(0, np.int64),
+            np.concatenate(starts).astype(np.int64) if starts else np.zeros(0, np.int64))
 
 
 @torch.inference_mode()
-def predict_spectrograms(
+def scored_window_batches(
     models: Sequence[nn.Module],
     specs: Spectrograms,
     window: int = 128,
     step: int = 48,
     batch_size: int = 256,
     precision: Precision | None = None,
-) -> np.ndarray:
-    """Mean sigmoid score per clip: averaged over its windows, then over `models`.
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(sigmoid score of each window averaged over `models`, clip index of each window), one
+    batch at a time.
 
     Windows of many clips share one batch, and each batch is standardised once and fed
     to every model, so an ensemble costs one preprocessing pass. The models run as
@@ -30,23 +41,36 @@ def predict_spectrograms(
     `Precision.prepare` for a model still in training). Default: the CPU, float32.
     """
     if not models:
-        raise ValueError("predict_spectrograms needs at least one model")
+        raise ValueError("scoring needs at least one model")
     precision = precision or resolve_precision(torch.device("cpu"), amp=False,
                                                channels_last=False)
-    device = precision.device
-    n_classes = _output_size(models[0])
-    sums = torch.zeros(len(specs), n_classes, dtype=torch.float64)
-    counts = torch.zeros(len(specs), dtype=torch.float64)
     for model in models:
         model.eval()
     for inputs, clip_index in window_batches(specs, window, step, batch_size):
-        inputs = inputs.to(device, non_blocking=True)
+        inputs = inputs.to(precision.device, non_blocking=True)
         with precision.autocast():
             probs = sum(torch.sigmoid(model(inputs).float()) for model in models) / len(models)
-        index = torch.from_numpy(clip_index)
-        sums.index_add_(0, index, probs.double().cpu())
-        counts.index_add_(0, index, torch.ones(len(index), dtype=torch.float64))
-    return (sums / counts.unsqueeze(1)).numpy().astype(np.float32)
+        yield probs.cpu().numpy(), clip_index
+
+
+def predict_spectrograms(
+    models: Sequence[nn.Module],
+    specs: Spectrograms,
+    window: int = 128,
+    step: int = 48,
+    batch_size: int = 256,
+    precision: Precision | None = None,
+) -> np.ndarray:
+    """Mean sigmoid score per clip: averaged over its windows, then over `models`."""
+    if not models:
+        raise ValueError("predict_spectrograms needs at least one model")
+    sums = np.zeros((len(as_spectrograms(specs)), _output_size(models[0])), dtype=np.float64)
+    counts = np.zeros(len(sums), dtype=np.float64)
+    for probs, clip_index in scored_window_batches(models, specs, window, step, batch_size,
+                                                   precision):
+        np.add.at(sums, clip_index, probs)
+        np.add.at(counts, clip_index, 1.0)
+    return (sums / counts[:, None]).astype(np.float32)
 
 
 def _output_size(model: nn.Module) -> int:

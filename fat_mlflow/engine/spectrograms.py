@@ -77,6 +77,34 @@ class _View:
         return source.clip(clip)
 
 
+class WindowSpectrograms:
+    """Fixed windows of other clips, each seen as a clip of its own (`width` frames).
+
+    Distillation learns from the teacher's windows: as a `ClipSpectrograms`, the windows go
+    through the same training loop as clips (a crop of a window is the window itself).
+    """
+
+    def __init__(self, specs: ClipSpectrograms, clips: np.ndarray, starts: np.ndarray,
+                 width: int) -> None:
+        if len(clips) != len(starts):
+            raise ValueError(f"{len(clips)} clip indices for {len(starts)} window starts")
+        self.specs, self.clips, self.starts, self.width = specs, clips, starts, width
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    def frames(self, index: int) -> int:
+        return self.width
+
+    def crop(self, index: int, start: int, width: int) -> np.ndarray:
+        if start < 0 or start + width > self.width:
+            raise ValueError(f"crop {start}..{start + width} outside a window of {self.width}")
+        return self.specs.crop(int(self.clips[index]), int(self.starts[index]) + start, width)
+
+    def clip(self, index: int) -> np.ndarray:
+        return self.crop(index, 0, self.width)
+
+
 Spectrograms = ClipSpectrograms | Sequence[np.ndarray]  # what the engine's functions take
 
 

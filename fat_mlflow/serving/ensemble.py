@@ -241,7 +241,7 @@ def build_ensemble(run_ids: list[str], registered_model: str = "fat2019-tagger",
                            "data": str(data or "")})
         info = mlflow.pyfunc.log_model(
             name="tagger", **pyfunc_arguments(spec, Path(tmp) / "ensemble.json", artifacts),
-            input_example=(example_request(_example_clip(example_data),
+            input_example=(example_request(example_clip(example_data),
                                            spec.features.sample_rate)
                            if example_data is not None else None),
         )
@@ -253,13 +253,13 @@ def build_ensemble(run_ids: list[str], registered_model: str = "fat2019-tagger",
             with peak_memory("floor_") as peak:
                 floor = _log_floor(dataset, spec.features, cache_dir, score, bad_audio)
             mlflow.log_metrics(peak.metrics)
-        version = _register(info.model_uri, registered_model, alias,
+        version = register_version(info.model_uri, registered_model, alias,
                             VersionScore(score, fingerprint), run_ids, floor)
         mlflow.set_tag(TAG_COMPLETE, "true")
     return run.info.run_id, version
 
 
-def _example_clip(dataset: FatDataset) -> Path:
+def example_clip(dataset: FatDataset) -> Path:
     """The first test clip, or the first curated one of a dataset without test clips."""
     clips = dataset.test["path"] if len(dataset.test) else dataset.curated["path"]
     return clips.iloc[0]
@@ -316,7 +316,7 @@ def floor_sentence(score: float, floor: float) -> str:
             f"better; not yet worth serving.")
 
 
-def _register(model_uri: str, name: str, alias: str, score: VersionScore,
+def register_version(model_uri: str, name: str, alias: str, score: VersionScore,
               run_ids: list[str], floor: float | None) -> str:
     tags = {TAG_SOURCES: ",".join(run_ids), TAG_DATASET: score.dataset or ""}
     if score.lwlrap is not None:
@@ -367,10 +367,17 @@ def scored_floors(ensemble_row: pd.Series) -> dict[str, float]:
             for name, value in floors_by_training_set(ensemble_row).items()}
 
 
+def ensemble_row(table: pd.DataFrame) -> pd.Series | None:
+    """The ensemble's row of a stage report (None without one)."""
+    rows = table[table["model"] == "ensemble"]
+    return rows.iloc[0] if len(rows) else None
+
+
 def with_floor_rows(table: pd.DataFrame) -> pd.DataFrame:
-    """The stage report plus the logistic floor's test lwlrap as rows under the ensemble's."""
+    """The stage report plus the logistic floor's test lwlrap as rows at its end."""
+    row = ensemble_row(table)
     floors = [{"model": f"floor ({name})", "lwlrap_test": value}
-              for name, value in scored_floors(table.iloc[-1]).items()]
+              for name, value in (scored_floors(row) if row is not None else {}).items()]
     return pd.concat([table, pd.DataFrame(floors)], ignore_index=True) if floors else table
 
 

@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -32,7 +33,7 @@ from mlflow.environment_variables import (
 )
 from mlflow.tracking import MlflowClient
 
-from fat_mlflow.config import DemoConfig, Profile
+from fat_mlflow.config import DemoConfig, DistillConfig, Profile
 from fat_mlflow.data.demo import SUMMARY_FILE, DemoExistsError, build_demo_dataset
 from fat_mlflow.data.esc50 import locate_esc50
 from fat_mlflow.data.layout import dataset_fingerprint, load_dataset
@@ -73,6 +74,9 @@ DEMO_DIR = Path("demo_data")  # where the main job builds the demo, beside the M
 # The last step: (stage run IDs, dataset, registered model name, feature cache) -> the
 # ensemble's row of the stage report.
 EnsembleStep = Callable[[list[str], Path, str, Path | None, str], dict]
+# After it, optionally: (ensemble run ID, dataset, student settings, registered model name of
+# the ensemble, feature cache, bad-audio policy) -> the student's row of the report.
+DistillStep = Callable[[str, Path, DistillConfig, str, Path | None, str], dict]
 
 
 @dataclass
@@ -91,6 +95,7 @@ class PipelineRequest:
     tags: dict[str, str] = field(default_factory=dict)  # extra tags of the parent run
     fold_jobs: int = 1  # > 1: parallel fold-job processes per stage (1: in this process)
     bad_audio: str = "stop"  # or "skip": undecodable clips left out, listed as bad_audio.csv
+    distill: DistillConfig | None = None  # the student distilled from the ensemble (None: none)
 
 
 def inputs_hash(request: StageRequest) -> str:
@@ -293,13 +298,19 @@ def stage_table(chains: dict[str, dict[str, str]]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def run_pipeline(request: PipelineRequest,
-                 ensemble_step: EnsembleStep) -> tuple[str, pd.DataFrame]:
-    """features -> stage 1..4 per network -> ensemble; returns the parent run ID and Table 2.
+def run_pipeline(request: PipelineRequest, ensemble_step: EnsembleStep,
+                 distill_step: DistillStep | None = None) -> tuple[str, pd.DataFrame]:
+    """features -> stage 1..4 per network -> ensemble (-> student); returns the parent run ID
+    and Table 2.
 
     The ensemble is built by `ensemble_step` (`fat_mlflow.serving.ensemble.build_and_register`
-    in every caller): serving sits above this layer, so the pipeline is handed it.
+    in every caller), the student, when `request.distill` asks for one, by `distill_step`
+    (`fat_mlflow.serving.distill.distill_and_register`): serving sits above this layer, so the
+    pipeline is handed them.
     """
+    if request.distill is not None and distill_step is None:
+        raise ValueError("request.distill asks for a student but no distill_step was given")
+    started = time.perf_counter()
     data = request.data or ensure_demo_data(request.demo_dir, request.esc50)
     dataset = load_dataset(data)
     check_pipeline_data(dataset, request.profile)  # before the tracking store is even opened
@@ -317,6 +328,7 @@ def run_pipeline(request: PipelineRequest,
                            "pipeline.warm_start": request.warm_start,
                            "pipeline.fold_jobs": request.fold_jobs,
                            "pipeline.bad_audio": request.bad_audio,
+                           "pipeline.distill": request.distill is not None,
                            **request.profile.flat()})
         failures = run_features(data, request.profile.features, request.cache_dir, jobs=0,
                                 progress=request.progress).failures
@@ -329,7 +341,16 @@ def run_pipeline(request: PipelineRequest,
         ensemble_runs = [runs[s] for runs in chains.values() for s in ("stage2", "stage3", "stage4")]
         ensemble_row = ensemble_step(ensemble_runs, data, request.registered_model,
                                      request.cache_dir, request.bad_audio)
-        table = pd.concat([table, pd.DataFrame([ensemble_row])], ignore_index=True)
+        rows = [ensemble_row]
+        if request.distill is not None:
+            rows.append(distill_step(ensemble_row["run_id"], data, request.distill,
+                                     request.registered_model, request.cache_dir,
+                                     request.bad_audio))
+        table = pd.concat([table, pd.DataFrame(rows)], ignore_index=True)
+        total = time.perf_counter() - started
+        mlflow.log_metric("time_total_s", total)
+        if request.distill is not None:  # what the student adds to the main job
+            mlflow.log_metric("distill_share", rows[-1]["minutes"] * 60 / total)
         log_table(table, "report/stage_table.csv")
         scored = table.dropna(subset=["lwlrap_noisy", "lwlrap_curated", "lwlrap_test"], how="all")
         mlflow.log_figure(plot_stage_table(scored), "report/stage_table.png")
