@@ -90,3 +90,27 @@ def plot_study_axis(points: pd.DataFrame, x: str, xlabel: str) -> Figure:
     axis.grid(alpha=0.3)
     figure.tight_layout()
     return figure
+
+
+def plot_distill_tradeoff(points: pd.DataFrame) -> Figure:
+    """Each student's test lwlrap against its served p50, its teacher ensemble beside it (open
+    marker) and the floor dashed: what one network buys back of the ensemble, and at what cost.
+
+    `points` has label, teacher, lwlrap_test, p50_ms, teacher_lwlrap, teacher_p50,
+    floor_lwlrap_test (one row per student)."""
+    figure, axis = plt.subplots(figsize=(6.5, 4))
+    for label, group in points.groupby("label", sort=False):
+        axis.scatter(group["p50_ms"], group["lwlrap_test"], label=label, zorder=3)
+    teachers = points.drop_duplicates("teacher")
+    axis.scatter(teachers["teacher_p50"], teachers["teacher_lwlrap"], facecolors="none",
+                 edgecolors="black", label="ensemble (teacher)", zorder=3)
+    floor = points["floor_lwlrap_test"].dropna()
+    if len(floor):
+        axis.axhline(floor.mean(), linestyle="--", color="gray", label="floor (logistic)")
+    axis.set_xscale("log")
+    axis.set(xlabel="served p50 of one 5-s clip, ms (log scale)", ylabel="test lwlrap",
+             title="the student's lwlrap against its latency")
+    axis.legend(fontsize=8)
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    return figure

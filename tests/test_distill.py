@@ -134,3 +134,27 @@ def test_distill_from_the_registered_ensemble_from_scratch_at_another_width(tiny
         champion = client.get_model_version_by_alias(FAST, "champion")
         old_score = float(holder.tags["lwlrap_test"])
         assert champion.version == (version if new_score >= old_score else holder.version)
+
+
+def test_the_distill_benchmark_serves_both_models_over_http(tiny_chain, tmp_path):
+    """Both registered versions behind `mlflow models serve`: the student's test lwlrap over
+    HTTP is the one its run logged, its p50 is a fraction of the ensemble's (one net, not 6)."""
+    from fat_mlflow.benchmarks import BENCHMARK_PROFILES
+    from fat_mlflow.benchmarks.report import BenchmarkRequest, run_benchmarks
+
+    with tiny_chain.store():
+        out = tmp_path / "bench.md"
+        run_benchmarks(BenchmarkRequest(only=("distill",), profile=BENCHMARK_PROFILES["tiny"],
+                                        distill_runs=(tiny_chain.runs["distill"],), out=out))
+        results = __import__("mlflow").search_runs(
+            search_all_experiments=True, filter_string="tags.`fat.benchmark` = 'distill'")
+        by_role = {row["params.role"]: row for _, row in results.iterrows()}
+        student, ensemble = by_role["student"], by_role["ensemble"]
+        logged = MlflowClient().get_run(tiny_chain.runs["distill"]).data.metrics
+        assert student["metrics.lwlrap_test"] == pytest.approx(logged["lwlrap_test"], abs=1e-6)
+        assert ensemble["metrics.lwlrap_test"] == pytest.approx(
+            logged["teacher_lwlrap_test"], abs=1e-6)
+        assert student["metrics.gflop_per_clip"] < ensemble["metrics.gflop_per_clip"] / 3
+        assert student["metrics.startup_s"] > 0 and student["metrics.clips_per_s"] > 0
+        assert "| mean of 1 students |" in out.read_text()
+        assert (tmp_path / "distill_tradeoff.png").stat().st_size > 0

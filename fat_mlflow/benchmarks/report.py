@@ -14,6 +14,7 @@ from pathlib import Path
 import mlflow
 
 from fat_mlflow.benchmarks import BENCHMARK_PROFILES, BenchmarkProfile
+from fat_mlflow.benchmarks import distill as distill_bench
 from fat_mlflow.benchmarks import features as features_bench
 from fat_mlflow.benchmarks import pipeline as pipeline_bench
 from fat_mlflow.benchmarks import serving as serving_bench
@@ -24,12 +25,14 @@ from fat_mlflow.data.features import BadAudioError, FeatureCache
 from fat_mlflow.engine.training import resolve_device
 from fat_mlflow.warmup.tracking import TAG_STAGE, configure_tracking
 
-BENCHMARKS = ("features", "training", "inference", "pipeline")
-# what runs unless asked: `pipeline` trains two whole main jobs (about 25 minutes on 2 cores)
+BENCHMARKS = ("features", "training", "inference", "pipeline", "distill")
+# what runs unless asked: `pipeline` trains two whole main jobs (about 25 minutes on 2 cores);
+# `distill` serves finished runs' models
 DEFAULT_BENCHMARKS = ("features", "training", "inference")
 TAG_BENCHMARK = "fat.benchmark"
 TAG_BASELINE = "fat.baseline"
 DOCUMENT_ARTIFACT = "benchmarks.md"
+DISTILL_FIGURE = "distill_tradeoff.png"
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,7 @@ class BenchmarkRequest:
     data: Path | None = None  # FAT2019 layout; None: ESC-50 clips
     esc50: Path | None = None
     model_uri: str | None = None  # None: an untrained quick-shaped ensemble built here
+    distill_runs: tuple[str, ...] = ()  # (): the newest finished distill run of each teacher
     out: Path = Path("benchmarks.md")
 
     def __post_init__(self) -> None:
@@ -61,6 +65,7 @@ def run_benchmarks(request: BenchmarkRequest) -> tuple[str, str]:
                                             max(size.feature_clips, size.batch_clips))
              if needs_clips else [])  # synthetic training needs no audio, nor ESC-50
     configure_tracking()
+    request.out.parent.mkdir(parents=True, exist_ok=True)
     tables: list[Table] = []
     with mlflow.start_run(run_name="benchmark", nested=mlflow.active_run() is not None) as parent:
         mlflow.set_tag(TAG_STAGE, "benchmark")
@@ -80,12 +85,15 @@ def run_benchmarks(request: BenchmarkRequest) -> tuple[str, str]:
                 table = _training(request, size, clips[: size.feature_clips])
             elif name == "inference":
                 table = serving_bench.run(clips, size, request.model_uri)
-            else:
+            elif name == "pipeline":
                 table = pipeline_bench.run(size, request.data, request.esc50)
+            else:
+                table, figure = distill_bench.run(size, request.distill_runs)
+                figure.savefig(request.out.with_name(DISTILL_FIGURE), dpi=120)
+                mlflow.log_figure(figure, DISTILL_FIGURE)
             log_results(table, size)  # at once: a later failure keeps the earlier results
             tables.append(table)
         text = document(tables, size)
-        request.out.parent.mkdir(parents=True, exist_ok=True)
         request.out.write_text(text)
         mlflow.log_text(text, DOCUMENT_ARTIFACT)
     return parent.info.run_id, text

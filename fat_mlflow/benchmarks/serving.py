@@ -123,16 +123,17 @@ def latency_clip(clips: Sequence[Path], tagger: FatTagger) -> tuple[Path, float,
     limit = LATENCY_CLIP_SECONDS + LATENCY_CLIP_SLACK
     candidates = ([c for c, d in durations.items() if d <= limit]
                   or [min(durations, key=durations.get)])
-    member = tagger.spec.members[0]
-
-    def windows(clip: Path) -> int:
-        spec = clip_spectrogram(str(clip), None, tagger.spec.features, tagger.spec.serving,
-                                tagger.audio_root)
-        return len(window_starts(spec.shape[1], member.window, member.step))
-
-    counts = {clip: windows(clip) for clip in candidates}
+    counts = {clip: clip_windows(clip, tagger) for clip in candidates}
     best = max(counts, key=counts.get)
     return best, durations[best], counts[best]
+
+
+def clip_windows(clip: Path, tagger: FatTagger) -> int:
+    """How many windows `tagger` scores in `clip` once its silence is trimmed."""
+    spec = clip_spectrogram(str(clip), None, tagger.spec.features, tagger.spec.serving,
+                            tagger.audio_root)
+    member = tagger.spec.members[0]
+    return len(window_starts(spec.shape[1], member.window, member.step))
 
 
 def measure(predicts: dict[str, Callable[[list[str]], object]], one: list[str],

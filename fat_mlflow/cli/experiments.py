@@ -124,9 +124,10 @@ def study(profile, overrides, cache_dir, seeds, budgets, curated, out_dir, esc50
 
 @click.command()
 @click.option("--only", default="features,training,inference", show_default=True,
-              help="Comma-separated benchmarks to run, of features, training, inference and "
+              help="Comma-separated benchmarks to run, of features, training, inference, "
                    "pipeline (the main job timed with train.amp=false and by default, each "
-                   "stage's share that is not training steps: about 25 minutes on 2 cores).")
+                   "stage's share that is not training steps: about 25 minutes on 2 cores) "
+                   "and distill (students and their ensembles served over HTTP).")
 @click.option("--profile", "size", type=click.Choice(list(BENCHMARK_PROFILES)),
               default="standard", show_default=True,
               help="Benchmark size: 'tiny' = seconds (tests), 'standard' = a few minutes on "
@@ -141,14 +142,20 @@ def study(profile, overrides, cache_dir, seeds, budgets, curated, out_dir, esc50
 @click.option("--model-uri", default="", metavar="URI",
               help="Tagger to measure (e.g. models:/fat2019-tagger@champion); empty = an "
                    "untrained ensemble in the quick pipeline's shape.")
+@click.option("--distill-runs", default="", metavar="RUN_ID[,RUN_ID]",
+              help="Distill runs whose student and ensemble the distill benchmark serves "
+                   "(e.g. one per seed, or several widths of one teacher); empty = the newest "
+                   "finished distill run of each teacher, up to 3.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
               default=Path("benchmarks.md"), show_default=True,
-              help="Markdown file of the tables (also logged as the run's artifact).")
+              help="Markdown file of the tables (also logged as the run's artifact); the "
+                   "distill figure goes beside it.")
 def benchmark(only: str, size: str, repeats: int, data: str, esc50: str, model_uri: str,
-              out: Path) -> None:
+              distill_runs: str, out: Path) -> None:
     """Speed benchmarks, each against a baseline measured in the same run: features (cache vs a
     librosa loop), training (float32 and bf16 samples/s vs both matmul peaks), inference (the
-    served ensemble vs eager float32), pipeline (the main job by default vs float32). Each
+    served ensemble vs eager float32), pipeline (the main job by default vs float32), distill
+    (each student vs its ensemble, served). Each
     result is an MLflow run; the tables go to --out."""
     from fat_mlflow.benchmarks.report import BenchmarkRequest, run_benchmarks
 
@@ -157,7 +164,8 @@ def benchmark(only: str, size: str, repeats: int, data: str, esc50: str, model_u
             only=tuple(name.strip() for name in only.split(",") if name.strip()),
             profile=BENCHMARK_PROFILES[size], repeats=repeats,
             data=Path(data) if data else None, esc50=Path(esc50) if esc50 else None,
-            model_uri=model_uri or None, out=out)
+            model_uri=model_uri or None, out=out,
+            distill_runs=tuple(r.strip() for r in distill_runs.split(",") if r.strip()))
     except ValueError as error:
         raise click.BadParameter(str(error), param_hint="--only") from error
     run_id, text = run_benchmarks(request)
