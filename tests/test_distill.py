@@ -21,6 +21,7 @@ from fat_mlflow.engine.spectrograms import SpectrogramList, WindowSpectrograms
 from fat_mlflow.serving.distill import (
     DistillRequest,
     blended_targets,
+    distill_summary,
     read_teacher,
     run_distill,
 )
@@ -91,6 +92,8 @@ def test_the_pipeline_registers_a_student_served_like_the_ensemble(tiny_chain, d
         assert metrics["teacher_mb"] > metrics["student_mb"] > 0
         assert [m.step for m in client.get_metric_history(student_run, "val_lwlrap")] == [0]
         assert metrics["time_train_steps_s"] > 0 and metrics["time_teacher_s"] > 0
+        assert (f"student test lwlrap {metrics['lwlrap_test']:.3f} against the ensemble's "
+                f"{metrics['teacher_lwlrap_test']:.3f}") in distill_summary(student_run)
 
         ensemble_uri = "models:/fat2019-tagger@champion"
         student, ensemble = (load_local_model(u) for u in (f"models:/{FAST}@champion",

@@ -73,13 +73,14 @@ def distill(teacher: str, overrides: tuple[str, ...], data: str,
     (unlabelled) test clips, plus the curated labels; it is served like the ensemble, at a
     fraction of its cost (docs/distill.md).
     """
-    from fat_mlflow.serving.distill import DistillRequest, run_distill
+    from fat_mlflow.serving.distill import DistillRequest, distill_summary, run_distill
 
     request = DistillRequest(teacher=teacher, config=distill_settings(overrides),
                              data=Path(data) if data else None,
                              registered_model=registered_model, alias=alias,
                              cache_dir=cache_dir, bad_audio=bad_audio)
     run_id, version = run_distill(request)
+    click.echo(distill_summary(run_id))
     click.echo(f"distill run: {run_id}")
     click.echo(f"registered: models:/{registered_model}/{version}")
 

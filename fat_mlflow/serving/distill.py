@@ -330,6 +330,22 @@ def _log_scores(result, info: mlflow.models.model.ModelInfo, teacher: Teacher) -
     log_table(result.scores, "test_scores.csv")
 
 
+def distill_summary(run_id: str) -> str:
+    """One line on what the student kept of the ensemble, and at what cost."""
+    metrics = MlflowClient().get_run(run_id).data.metrics
+    cost = (f"{metrics['flops_ratio']:.1f}x fewer FLOPs per window, "
+            f"{metrics['student_mb']:.1f} MB against {metrics['teacher_mb']:.1f} MB")
+    if "lwlrap_test" not in metrics:
+        return f"student: {cost} (the dataset has no test labels to score it on)"
+    line = f"student test lwlrap {metrics['lwlrap_test']:.3f}"
+    if "teacher_lwlrap_test" in metrics:
+        line += (f" against the ensemble's {metrics['teacher_lwlrap_test']:.3f} "
+                 f"(gap {metrics['lwlrap_gap']:+.3f})")
+    if "floor_lwlrap_test" in metrics:
+        line += f", floor {metrics['floor_lwlrap_test']:.3f}"
+    return f"{line}; {cost}"
+
+
 def distill_row(run_id: str, version: str) -> dict:
     """The student's row of the pipeline's stage report."""
     run = MlflowClient().get_run(run_id)
