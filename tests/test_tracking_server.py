@@ -92,7 +92,7 @@ def pipeline(server: TrackingServer, demo_data: Path,
 
 def test_pipeline_runs_metrics_and_registered_model_are_on_the_server(server, pipeline):
     assert pipeline.parent.info.status == "FINISHED"
-    assert set(pipeline.stages) == {"features", *STAGES, "ensemble"}
+    assert set(pipeline.stages) == {"features", *STAGES, "ensemble", "distill"}
     for stage in STAGES:
         run = pipeline.stages[stage]
         assert run.info.status == "FINISHED" and run.data.tags["fat.complete"] == "true", stage

@@ -247,7 +247,7 @@ def _train_and_log(request: DistillRequest, teacher: Teacher, dataset: FatDatase
                     n_classes=len(spec.vocabulary))
     student_spec = EnsembleSpec(
         features=spec.features, vocabulary=spec.vocabulary, batch_size=spec.batch_size,
-        members=(MemberRun(run_id, "distill", cfg.arch, window, cfg.window_step,
+        members=(MemberRun(run_id, "distill", cfg.arch, window, served_step(cfg, spec),
                            (STUDENT_ARTIFACT,)),))
     with clock.phase("log_model"):
         info = mlflow.pyfunc.log_model(
@@ -270,8 +270,15 @@ def student_train_config(cfg: DistillConfig, spec: EnsembleSpec) -> TrainConfig:
     window = spec.members[0].window
     return TrainConfig(arch=cfg.arch, width=cfg.width, n_folds=1, epochs=cfg.epochs,
                        batch_size=cfg.batch_size, lr=cfg.lr, crop_frames=window,
-                       window_step=cfg.window_step, val_every=1,
+                       window_step=served_step(cfg, spec), val_every=1,
                        eval_batch_size=spec.batch_size, seed=cfg.seed)
+
+
+def served_step(cfg: DistillConfig, spec: EnsembleSpec) -> int:
+    """The student's sliding-window step: its own, or the ensemble's. The windows start at
+    multiples of the step and stop before the clip's end, so a longer step leaves more of
+    a clip unscored (up to step - 1 frames: at 96, a third of a 5-s clip)."""
+    return cfg.window_step or spec.members[0].step
 
 
 def _read_clips(dataset: FatDataset, spec: EnsembleSpec, cfg: DistillConfig,
