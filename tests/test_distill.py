@@ -48,16 +48,25 @@ def test_window_positions_follow_the_order_windows_are_cut_in():
     with pytest.raises(ValueError, match="outside a window"):
         windows.crop(0, 10, 128)
 
+    clips, starts = window_positions(specs, 128, 96, cover_end=True)
+    batches = list(window_batches(specs, 128, 96, batch_size=3, cover_end=True))
+    assert np.array_equal(np.concatenate([owners for _, owners in batches]), clips)
+    assert starts.tolist() == [0, 0, 72, 0, 96, 172]
 
-def test_clip_scores_are_the_mean_of_their_window_scores():
+
+@pytest.mark.parametrize("cover_end", [False, True])
+def test_clip_scores_are_the_mean_of_their_window_scores(cover_end):
     torch.manual_seed(0)
     specs = _specs([128, 250, 400], n_mels=32)
     models = [build_model("cnn", 5, 0.0625).eval() for _ in range(2)]
-    windows = np.concatenate([p for p, _ in scored_window_batches(models, specs, 64, 40, 4)])
-    clips, _ = window_positions(specs, 64, 40)
+    windows = np.concatenate([p for p, _ in scored_window_batches(
+        models, specs, 64, 40, 4, cover_end=cover_end)])
+    clips, _ = window_positions(specs, 64, 40, cover_end)
+    assert len(clips) == (3 + 6 + 10 if cover_end else 2 + 5 + 9)
     expected = np.stack([windows[clips == i].mean(axis=0) for i in range(3)])
-    np.testing.assert_allclose(predict_spectrograms(models, specs, 64, 40, 4), expected,
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        predict_spectrograms(models, specs, 64, 40, 4, cover_end=cover_end), expected,
+        rtol=1e-5)
 
 
 def test_curated_targets_blend_label_and_teacher():

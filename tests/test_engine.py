@@ -35,6 +35,12 @@ def test_window_starts_follow_the_seed_step():
         window_starts(100, 128, 48)
 
 
+def test_cover_end_adds_a_window_only_where_the_tail_is_unheard():
+    assert window_starts(318, 128, 96, cover_end=True).tolist() == [0, 96, 190]
+    assert window_starts(320, 128, 96, cover_end=True).tolist() == [0, 96, 192]  # reaches it
+    assert window_starts(128, 128, 96, cover_end=True).tolist() == [0]
+
+
 def test_validation_window_is_the_middle_of_the_clip():
     spec = np.tile(np.arange(300, dtype=np.float32), (4, 1))
     middle, whole = centre_windows([spec, spec[:, :128]], 128)

@@ -133,7 +133,7 @@ def clip_windows(clip: Path, tagger: FatTagger) -> int:
     spec = clip_spectrogram(str(clip), None, tagger.spec.features, tagger.spec.serving,
                             tagger.audio_root)
     member = tagger.spec.members[0]
-    return len(window_starts(spec.shape[1], member.window, member.step))
+    return len(window_starts(spec.shape[1], member.window, member.step, member.cover_end))
 
 
 def measure(predicts: dict[str, Callable[[list[str]], object]], one: list[str],

@@ -41,11 +41,19 @@ def centre_windows(specs: Spectrograms, frames: int) -> list[np.ndarray]:
     return [specs.crop(i, (specs.frames(i) - frames) // 2, frames) for i in range(len(specs))]
 
 
-def window_starts(n_frames: int, window: int, step: int) -> np.ndarray:
-    """Start frames of the sliding inference windows (the seed's test-time shifts)."""
+def window_starts(n_frames: int, window: int, step: int, cover_end: bool = False) -> np.ndarray:
+    """Start frames of the sliding inference windows (the seed's test-time shifts).
+
+    They start at multiples of `step` and stop before the clip's end, leaving up to
+    step - 1 frames unscored; `cover_end` adds one window aligned with the end when they do,
+    so a long step still hears the whole clip.
+    """
     if n_frames < window:
         raise ValueError(f"clip has {n_frames} frames, fewer than one window of {window}")
-    return np.arange(0, n_frames - window + 1, step)
+    starts = np.arange(0, n_frames - window + 1, step)
+    if cover_end and starts[-1] + window < n_frames:
+        starts = np.append(starts, n_frames - window)
+    return starts
 
 
 def training_batches(
@@ -71,7 +79,7 @@ def training_batches(
 
 
 def window_batches(
-    specs: Spectrograms, window: int, step: int, batch_size: int
+    specs: Spectrograms, window: int, step: int, batch_size: int, cover_end: bool = False
 ) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
     """All windows of all clips, batched across clips; yields (inputs, clip index per row).
 
@@ -81,7 +89,7 @@ def window_batches(
     crops: list[np.ndarray] = []
     owners: list[int] = []
     for clip in range(len(specs)):
-        starts = window_starts(specs.frames(clip), window, step)
+        starts = window_starts(specs.frames(clip), window, step, cover_end)
         whole = specs.clip(clip)
         for start in starts:
             crops.append(whole[:, start : start + window])

@@ -12,11 +12,12 @@ from fat_mlflow.engine.precision import Precision, resolve_precision
 from fat_mlflow.engine.spectrograms import Spectrograms, as_spectrograms
 
 
-def window_positions(specs: Spectrograms, window: int, step: int) -> tuple[np.ndarray, np.ndarray]:
+def window_positions(specs: Spectrograms, window: int, step: int, cover_end: bool = False
+                     ) -> tuple[np.ndarray, np.ndarray]:
     """(clip index, start frame) of every sliding window, in the order `window_batches` cuts
     them (from the clips' frame counts alone: nothing is read)."""
     specs = as_spectrograms(specs)
-    starts = [window_starts(specs.frames(i), window, step) for i in range(len(specs))]
+    starts = [window_starts(specs.frames(i), window, step, cover_end) for i in range(len(specs))]
     clips = [np.full(len(s), i, dtype=np.int64) for i, s in enumerate(starts)]
     return (np.concatenate(clips) if clips else np.zeros(0, np.int64),
             np.concatenate(starts).astype(np.int64) if starts else np.zeros(0, np.int64))
@@ -30,6 +31,7 @@ def scored_window_batches(
     step: int = 48,
     batch_size: int = 256,
     precision: Precision | None = None,
+    cover_end: bool = False,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(sigmoid score of each window averaged over `models`, clip index of each window), one
     batch at a time.
@@ -46,7 +48,7 @@ def scored_window_batches(
                                                channels_last=False)
     for model in models:
         model.eval()
-    for inputs, clip_index in window_batches(specs, window, step, batch_size):
+    for inputs, clip_index in window_batches(specs, window, step, batch_size, cover_end):
         inputs = inputs.to(precision.device, non_blocking=True)
         with precision.autocast():
             probs = sum(torch.sigmoid(model(inputs).float()) for model in models) / len(models)
@@ -60,6 +62,7 @@ def predict_spectrograms(
     step: int = 48,
     batch_size: int = 256,
     precision: Precision | None = None,
+    cover_end: bool = False,
 ) -> np.ndarray:
     """Mean sigmoid score per clip: averaged over its windows, then over `models`."""
     if not models:
@@ -67,7 +70,7 @@ def predict_spectrograms(
     sums = np.zeros((len(as_spectrograms(specs)), _output_size(models[0])), dtype=np.float64)
     counts = np.zeros(len(sums), dtype=np.float64)
     for probs, clip_index in scored_window_batches(models, specs, window, step, batch_size,
-                                                   precision):
+                                                   precision, cover_end):
         np.add.at(sums, clip_index, probs)
         np.add.at(counts, clip_index, 1.0)
     return (sums / counts[:, None]).astype(np.float32)

@@ -88,6 +88,7 @@ class MemberRun:
     window: int
     step: int
     checkpoints: tuple[str, ...]  # pyfunc artifact keys, one per fold model
+    cover_end: bool = False  # one more window at the clip's end (`window_starts`)
 
 
 @dataclass(frozen=True)
@@ -269,7 +270,7 @@ def ensemble_scores(members: Sequence[tuple[Sequence[nn.Module], MemberRun]],
                     precision: Precision) -> np.ndarray:
     """Mean over runs of each run's fold-averaged window scores; spectrograms are shared."""
     per_run = [predict_spectrograms(models, specs, member.window, member.step, batch_size,
-                                    precision)
+                                    precision, member.cover_end)
                for models, member in members]
     return np.mean(per_run, axis=0, dtype=np.float64).astype(np.float32)
 
