@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fat_mlflow.engine.models.slimming import slimmed
 from fat_mlflow.engine.models import (
     ARCHITECTURES,
     build_model,
@@ -125,3 +126,43 @@ def test_cnn_flops_match_hand_count() -> None:
     total += 2 * (1024 * 512 + 512 * 80)
     assert flops_per_sample(model) == total
     assert model.training  # the count leaves the mode as it found it
+
+
+def _silence_half_the_channels(model: torch.nn.Module, generator: torch.Generator) -> None:
+    """Zero the BatchNorm scale and shift of a random half of each layer's channels (and of
+    the pooled features those channels feed), so they add nothing to the output."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    last_conv_silent = None
+    with torch.no_grad():
+        for norm in norms:
+            size = norm.num_features
+            norm.running_mean.normal_(generator=generator)
+            norm.running_var.uniform_(0.5, 2.0, generator=generator)
+            norm.weight.uniform_(0.5, 1.5, generator=generator)
+            norm.bias.normal_(generator=generator)
+            if isinstance(norm, torch.nn.BatchNorm2d):
+                silent = last_conv_silent = torch.randperm(size, generator=generator)[: size // 2]
+            elif last_conv_silent is not None:  # the pooled features: average, then max
+                silent = torch.cat([last_conv_silent, last_conv_silent + size // 2])
+                last_conv_silent = None
+            else:
+                silent = torch.randperm(size, generator=generator)[: size // 2]
+            norm.weight[silent] = 0.0
+            norm.bias[silent] = 0.0
+
+
+@pytest.mark.parametrize("arch", ["cnn", "vgg16"])
+def test_slimming_keeps_the_channels_that_matter(arch: str) -> None:
+    """A network whose dropped half of every layer is silent gives the same scores slimmed."""
+    generator = torch.Generator().manual_seed(0)
+    wide = build_model(arch, 7, 0.25).eval()
+    _silence_half_the_channels(wide, generator)
+    narrow = slimmed(wide, build_model(arch, 7, 0.125))
+    x = torch.randn(2, 3, 128, 128, generator=generator)
+    with torch.no_grad():
+        torch.testing.assert_close(narrow(x), wide(x), rtol=1e-4, atol=1e-4)
+    same = slimmed(wide, build_model(arch, 7, 0.25))
+    assert all(torch.equal(a, b) for a, b in zip(same.state_dict().values(),
+                                                 wide.state_dict().values()))
+    with pytest.raises(ValueError, match="wider than the network"):
+        slimmed(build_model(arch, 7, 0.125), build_model(arch, 7, 0.25))

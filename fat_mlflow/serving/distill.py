@@ -34,6 +34,7 @@ from fat_mlflow.engine.models import (
     load_checkpoint,
     save_checkpoint,
 )
+from fat_mlflow.engine.models.slimming import slimmed
 from fat_mlflow.engine.precision import Precision
 from fat_mlflow.engine.predict import scored_window_batches, window_positions
 from fat_mlflow.engine.spectrograms import ClipSpectrograms, WindowSpectrograms
@@ -146,12 +147,12 @@ def training_clips(dataset: FatDataset, cfg: DistillConfig) -> pd.DataFrame:
 
 
 def teacher_window_scores(members: list[tuple[list[nn.Module], MemberRun]],
-                          specs: ClipSpectrograms, window: int, step: int, batch_size: int,
-                          precision: Precision) -> np.ndarray:
+                          specs: ClipSpectrograms, window: int, step: int, cover_end: bool,
+                          batch_size: int, precision: Precision) -> np.ndarray:
     """(windows, classes): the ensemble's score of every window, as the served ensemble
     averages it (over each run's folds, then over runs)."""
     per_run = [np.concatenate([probs for probs, _ in scored_window_batches(
-        models, specs, window, step, batch_size, precision)])
+        models, specs, window, step, batch_size, precision, cover_end)])
         for models, _ in members]
     return np.mean(per_run, axis=0).astype(np.float32)
 
@@ -167,19 +168,29 @@ def blended_targets(soft: np.ndarray, labels: np.ndarray, labelled: np.ndarray,
 def initial_student(cfg: DistillConfig, teacher_folds: dict[str, str],
                     members: tuple[MemberRun, ...], n_classes: int) -> tuple[nn.Module, str]:
     """The student's starting weights and where they come from: with `warm_start`, the
-    latest stage's first fold model that is the same network at the same width."""
+    latest stage's first fold model of the same network, slimmed to the student's width
+    when it is narrower (its strongest channels kept); from scratch when none is as wide."""
     fresh = build_model(cfg.arch, n_classes, cfg.width)
     if cfg.warm_start:
-        shapes = _shapes(fresh)
         for member in reversed(members):
+            if member.arch != cfg.arch:
+                continue
             candidate = load_checkpoint(teacher_folds[member.checkpoints[0]])
-            if _shapes(candidate) == shapes:
-                return candidate.train(), f"{member.run_id} fold 0 ({member.stage})"
+            if _fits_inside(fresh, candidate):
+                how = "" if _widths_equal(fresh, candidate) else ", slimmed"
+                return (slimmed(candidate, fresh).train(),
+                        f"{member.run_id} fold 0 ({member.stage}{how})")
     return fresh, "scratch"
 
 
-def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
-    return {name: tuple(value.shape) for name, value in model.state_dict().items()}
+def _fits_inside(narrow: nn.Module, wide: nn.Module) -> bool:
+    return all(len(n.shape) == len(w.shape) and all(a <= b for a, b in zip(n.shape, w.shape))
+               for n, w in zip(narrow.state_dict().values(), wide.state_dict().values()))
+
+
+def _widths_equal(one: nn.Module, other: nn.Module) -> bool:
+    return all(a.shape == b.shape
+               for a, b in zip(one.state_dict().values(), other.state_dict().values()))
 
 
 def run_distill(request: DistillRequest) -> tuple[str, str]:
@@ -227,9 +238,9 @@ def _train_and_log(request: DistillRequest, teacher: Teacher, dataset: FatDatase
     log_bad_audio(failures)
     window = spec.members[0].window
     with clock.phase("teacher"):
-        soft = teacher_window_scores(members, specs, window, cfg.teacher_step,
+        soft = teacher_window_scores(members, specs, window, cfg.teacher_step, cfg.cover_end,
                                      spec.batch_size, precision)
-    owners, starts = window_positions(specs, window, cfg.teacher_step)
+    owners, starts = window_positions(specs, window, cfg.teacher_step, cfg.cover_end)
     targets = blended_targets(soft, dataset.targets(clips)[owners],
                               clips["labelled"].to_numpy()[owners], cfg.label_weight)
     student, origin = initial_student(cfg, teacher_files, spec.members, len(spec.vocabulary))
@@ -248,7 +259,7 @@ def _train_and_log(request: DistillRequest, teacher: Teacher, dataset: FatDatase
     student_spec = EnsembleSpec(
         features=spec.features, vocabulary=spec.vocabulary, batch_size=spec.batch_size,
         members=(MemberRun(run_id, "distill", cfg.arch, window, served_step(cfg, spec),
-                           (STUDENT_ARTIFACT,)),))
+                           (STUDENT_ARTIFACT,), cfg.cover_end),))
     with clock.phase("log_model"):
         info = mlflow.pyfunc.log_model(
             name="tagger", input_example=example_request(example_clip(dataset),
@@ -275,9 +286,9 @@ def student_train_config(cfg: DistillConfig, spec: EnsembleSpec) -> TrainConfig:
 
 
 def served_step(cfg: DistillConfig, spec: EnsembleSpec) -> int:
-    """The student's sliding-window step: its own, or the ensemble's. The windows start at
-    multiples of the step and stop before the clip's end, so a longer step leaves more of
-    a clip unscored (up to step - 1 frames: at 96, a third of a 5-s clip)."""
+    """The student's sliding-window step: its own, or the ensemble's (without `cover_end`, a
+    longer step leaves more of a clip unscored: up to step - 1 frames, at 96 a third of a
+    5-s clip)."""
     return cfg.window_step or spec.members[0].step
 
 
