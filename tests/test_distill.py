@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from fat_mlflow.config import DistillConfig
 from fat_mlflow.engine.dataset import window_batches
-from fat_mlflow.engine.models import build_model
+from fat_mlflow.engine.models import build_model, save_checkpoint
 from fat_mlflow.engine.predict import (
     predict_spectrograms,
     scored_window_batches,
@@ -22,10 +22,17 @@ from fat_mlflow.serving.distill import (
     DistillRequest,
     blended_targets,
     distill_summary,
+    initial_student,
     read_teacher,
     run_distill,
 )
-from fat_mlflow.serving.tagger import BASE64_COLUMN, ERROR_COLUMN, PATH_COLUMN, load_local_model
+from fat_mlflow.serving.tagger import (
+    BASE64_COLUMN,
+    ERROR_COLUMN,
+    PATH_COLUMN,
+    MemberRun,
+    load_local_model,
+)
 from fat_mlflow.warmup.tracking import RunLookupError
 
 FAST = "fat2019-tagger-fast"
@@ -74,6 +81,25 @@ def test_curated_targets_blend_label_and_teacher():
     labels = np.array([[1, 0], [0, 1]], dtype=np.float32)
     targets = blended_targets(soft, labels, np.array([True, False]), label_weight=0.5)
     np.testing.assert_allclose(targets, [[0.6, 0.3], [0.4, 0.4]])
+
+
+def test_the_student_starts_from_the_latest_teacher_as_wide_or_wider(tmp_path):
+    members, files = [], {}
+    for stage, width in (("stage2", 0.25), ("stage3", 0.125)):
+        files[stage] = str(tmp_path / f"{stage}.pt")
+        save_checkpoint(build_model("cnn", 5, width), files[stage], arch="cnn", width=width,
+                        n_classes=5)
+        members.append(MemberRun(stage, stage, "cnn", 128, 48, (stage,)))
+
+    def start(**settings):
+        return initial_student(DistillConfig(**settings), files, tuple(members), 5)
+
+    assert start(width=0.125)[1] == "stage3 fold 0 (stage3)"
+    assert start(width=0.0625)[1] == "stage3 fold 0 (stage3, slimmed)"
+    assert start(width=0.25)[1] == "stage2 fold 0 (stage2)"  # stage 3 is too narrow
+    assert start(width=0.5)[1] == "scratch"
+    assert start(width=0.125, warm_start=False)[1] == "scratch"
+    assert start(width=0.125, arch="vgg16")[1] == "scratch"
 
 
 def test_distill_settings_reject_unknown_fields():
@@ -130,9 +156,10 @@ def test_a_wrong_teacher_is_named(tiny_chain):
             read_teacher("0123456789abcdef0123456789abcdef")
 
 
-def test_distill_from_the_registered_ensemble_from_scratch_at_another_width(tiny_chain):
-    """`fat-mlflow distill` reads the ensemble by its registered alias; a width no teacher
-    has starts from scratch; a new version that scores worse does not take the alias."""
+def test_distill_from_the_registered_ensemble_at_another_width(tiny_chain):
+    """`fat-mlflow distill` reads the ensemble by its registered alias; a narrower student
+    starts slimmed from the last stage; a new version that scores worse does not take the
+    alias."""
     with tiny_chain.store():
         client = MlflowClient()
         holder = client.get_model_version_by_alias(FAST, "champion")
@@ -140,7 +167,7 @@ def test_distill_from_the_registered_ensemble_from_scratch_at_another_width(tiny
             teacher="models:/fat2019-tagger@champion", progress=False,
             config=DistillConfig(width=0.0625, epochs=1, with_noisy=False, teacher_step=128)))
         run = client.get_run(run_id)
-        assert run.data.params["student.init"] == "scratch"
+        assert run.data.params["student.init"].endswith("fold 0 (stage4, slimmed)")
         assert run.data.params["distill.teacher_run_id"] == tiny_chain.runs["ensemble"]
         new_score = run.data.metrics["lwlrap_test"]
         champion = client.get_model_version_by_alias(FAST, "champion")
