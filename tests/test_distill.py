@@ -83,23 +83,30 @@ def test_curated_targets_blend_label_and_teacher():
     np.testing.assert_allclose(targets, [[0.6, 0.3], [0.4, 0.4]])
 
 
-def test_the_student_starts_from_the_latest_teacher_as_wide_or_wider(tmp_path):
+def test_the_student_starts_from_the_best_fold_of_the_latest_stage_as_wide(tmp_path):
     members, files = [], {}
     for stage, width in (("stage2", 0.25), ("stage3", 0.125)):
-        files[stage] = str(tmp_path / f"{stage}.pt")
-        save_checkpoint(build_model("cnn", 5, width), files[stage], arch="cnn", width=width,
-                        n_classes=5)
-        members.append(MemberRun(stage, stage, "cnn", 128, 48, (stage,)))
+        keys = (f"{stage}_fold0", f"{stage}_fold1")
+        for key in keys:
+            files[key] = str(tmp_path / f"{key}.pt")
+            save_checkpoint(build_model("cnn", 5, width), files[key], arch="cnn", width=width,
+                            n_classes=5)
+        members.append(MemberRun(stage, stage, "cnn", 128, 48, keys))
+    scores = {"stage3_fold0": 0.80, "stage3_fold1": 0.85, "stage2_fold0": 0.9}
 
-    def start(**settings):
-        return initial_student(DistillConfig(**settings), files, tuple(members), 5)
+    def start(fold_scores=scores, **settings):
+        return initial_student(DistillConfig(**settings), files, tuple(members), 5, fold_scores)
 
-    assert start(width=0.125)[1] == "stage3 fold 0 (stage3)"
-    assert start(width=0.0625)[1] == "stage3 fold 0 (stage3, slimmed)"
+    assert start(width=0.125)[1] == "stage3 fold 1 (stage3)"
+    assert start(width=0.125, fold_scores={})[1] == "stage3 fold 0 (stage3)"
+    assert start(width=0.0625)[1] == "stage3 fold 1 (stage3, slimmed)"
     assert start(width=0.25)[1] == "stage2 fold 0 (stage2)"  # stage 3 is too narrow
     assert start(width=0.5)[1] == "scratch"
     assert start(width=0.125, warm_start=False)[1] == "scratch"
     assert start(width=0.125, arch="vgg16")[1] == "scratch"
+    student, _ = start(width=0.125)
+    assert torch.equal(student.state_dict()["features.0.weight"],
+                       torch.load(files["stage3_fold1"])["state_dict"]["features.0.weight"])
 
 
 def test_distill_settings_reject_unknown_fields():
@@ -167,7 +174,7 @@ def test_distill_from_the_registered_ensemble_at_another_width(tiny_chain):
             teacher="models:/fat2019-tagger@champion", progress=False,
             config=DistillConfig(width=0.0625, epochs=1, with_noisy=False, teacher_step=128)))
         run = client.get_run(run_id)
-        assert run.data.params["student.init"].endswith("fold 0 (stage4, slimmed)")
+        assert run.data.params["student.init"].endswith("(stage4, slimmed)")
         assert run.data.params["distill.teacher_run_id"] == tiny_chain.runs["ensemble"]
         new_score = run.data.metrics["lwlrap_test"]
         champion = client.get_model_version_by_alias(FAST, "champion")

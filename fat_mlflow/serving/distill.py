@@ -66,6 +66,7 @@ from fat_mlflow.warmup.tracking import (
     RunLookupError,
     check_source_run,
     configure_tracking,
+    fold_lwlrap_metric,
     get_run,
     log_bad_audio,
     log_table,
@@ -166,21 +167,39 @@ def blended_targets(soft: np.ndarray, labels: np.ndarray, labelled: np.ndarray,
 
 
 def initial_student(cfg: DistillConfig, teacher_folds: dict[str, str],
-                    members: tuple[MemberRun, ...], n_classes: int) -> tuple[nn.Module, str]:
+                    members: tuple[MemberRun, ...], n_classes: int,
+                    fold_scores: dict[str, float]) -> tuple[nn.Module, str]:
     """The student's starting weights and where they come from: with `warm_start`, the
-    latest stage's first fold model of the same network, slimmed to the student's width
-    when it is narrower (its strongest channels kept); from scratch when none is as wide."""
+    latest stage's fold model of the same network with the best out-of-fold lwlrap
+    (`fold_scores`, by checkpoint key; the first fold when none is known), slimmed to the
+    student's width when it is narrower (its strongest channels kept); from scratch when no
+    stage's network is as wide. Two epochs at a low rate keep the student near its start, so
+    the start matters: the folds of one stage differ by up to 0.05 test lwlrap."""
     fresh = build_model(cfg.arch, n_classes, cfg.width)
     if cfg.warm_start:
         for member in reversed(members):
             if member.arch != cfg.arch:
                 continue
-            candidate = load_checkpoint(teacher_folds[member.checkpoints[0]])
+            fold = max(range(len(member.checkpoints)),
+                       key=lambda k: fold_scores.get(member.checkpoints[k], -np.inf))
+            candidate = load_checkpoint(teacher_folds[member.checkpoints[fold]])
             if _fits_inside(fresh, candidate):
                 how = "" if _widths_equal(fresh, candidate) else ", slimmed"
                 return (slimmed(candidate, fresh).train(),
-                        f"{member.run_id} fold 0 ({member.stage}{how})")
+                        f"{member.run_id} fold {fold} ({member.stage}{how})")
     return fresh, "scratch"
+
+
+def curated_fold_scores(members: tuple[MemberRun, ...]) -> dict[str, float]:
+    """Each fold model's out-of-fold lwlrap on the curated clips it did not train on, as its
+    stage run logged it, by checkpoint key."""
+    scores = {}
+    for member in members:
+        metrics = get_run(member.run_id).data.metrics
+        for fold, key in enumerate(member.checkpoints):
+            if fold_lwlrap_metric(fold, "curated") in metrics:
+                scores[key] = metrics[fold_lwlrap_metric(fold, "curated")]
+    return scores
 
 
 def _fits_inside(narrow: nn.Module, wide: nn.Module) -> bool:
@@ -243,7 +262,8 @@ def _train_and_log(request: DistillRequest, teacher: Teacher, dataset: FatDatase
     owners, starts = window_positions(specs, window, cfg.teacher_step, cfg.cover_end)
     targets = blended_targets(soft, dataset.targets(clips)[owners],
                               clips["labelled"].to_numpy()[owners], cfg.label_weight)
-    student, origin = initial_student(cfg, teacher_files, spec.members, len(spec.vocabulary))
+    student, origin = initial_student(cfg, teacher_files, spec.members, len(spec.vocabulary),
+                                      curated_fold_scores(spec.members))
     mlflow.log_params({"student.init": origin, "student.windows": len(targets),
                        "student.clips": len(clips)})
     teacher_flops = sum(flops_per_sample(m) for models, _ in members for m in models)

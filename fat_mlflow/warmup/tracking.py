@@ -297,7 +297,7 @@ class MlflowFoldStore:
             np.savez(scores_path, **arrays)
             self.client.log_artifact(self.run_id, str(scores_path), f"folds/fold_{result.fold}")
         seconds = {**result.seconds, "saving": time.perf_counter() - started}
-        mlflow.log_metrics({**{f"fold{result.fold}_lwlrap_{name}": value
+        mlflow.log_metrics({**{fold_lwlrap_metric(result.fold, name): value
                                for name, value in result.lwlrap.items()},
                             **{fold_time_metric(result.fold, phase): value
                                for phase, value in seconds.items()}}, run_id=self.run_id)
@@ -308,6 +308,11 @@ FOLD_TIME = re.compile(r"fold\d+_time_(\w+)_s")
 
 def fold_time_metric(fold: int, phase: str) -> str:
     return f"fold{fold}_time_{phase}_s"
+
+
+def fold_lwlrap_metric(fold: int, split: str) -> str:
+    """A fold model's out-of-fold lwlrap on `split` (curated, noisy) or its test lwlrap."""
+    return f"fold{fold}_lwlrap_{split}"
 
 
 def stage_time_metrics(metrics: dict[str, float], stage_seconds: dict[str, float]
