@@ -202,5 +202,5 @@ def test_the_distill_benchmark_serves_both_models_over_http(tiny_chain, tmp_path
             logged["teacher_lwlrap_test"], abs=1e-6)
         assert student["metrics.gflop_per_clip"] < ensemble["metrics.gflop_per_clip"] / 3
         assert student["metrics.startup_s"] > 0 and student["metrics.clips_per_s"] > 0
-        assert "| mean of 1 students |" in out.read_text()
+        assert "| mean of 1: student (cnn, width 0.125) |" in out.read_text()
         assert (tmp_path / "distill_tradeoff.png").stat().st_size > 0
