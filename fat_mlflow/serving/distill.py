@@ -20,6 +20,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pandas as pd
+import torch
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from torch import nn
@@ -262,6 +263,7 @@ def _train_and_log(request: DistillRequest, teacher: Teacher, dataset: FatDatase
     owners, starts = window_positions(specs, window, cfg.teacher_step, cfg.cover_end)
     targets = blended_targets(soft, dataset.targets(clips)[owners],
                               clips["labelled"].to_numpy()[owners], cfg.label_weight)
+    torch.manual_seed(cfg.seed)  # a fresh student's weights and dropout, whatever ran before
     student, origin = initial_student(cfg, teacher_files, spec.members, len(spec.vocabulary),
                                       curated_fold_scores(spec.members))
     mlflow.log_params({"student.init": origin, "student.windows": len(targets),
