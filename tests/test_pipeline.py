@@ -26,9 +26,8 @@ def test_pipeline_links_stage_runs_and_reports_table2(tiny_chain):
         runs = client.search_runs([experiment_id()])  # every run in the named experiment
         assert {tiny_chain.pipeline_run_id, *tiny_chain.runs.values()} <= {
             run.info.run_id for run in runs}
-        assert {run.data.tags["fat.stage"] for run in runs} == {
-            "pipeline", "features", "stage1", "stage2", "stage3", "stage4", "ensemble",
-            "distill"}
+        assert {"pipeline", "features", "stage1", "stage2", "stage3", "stage4", "ensemble",
+                "distill"} <= {run.data.tags["fat.stage"] for run in runs}  # tests share it
         for stage, run_id in tiny_chain.runs.items():
             tags = client.get_run(run_id).data.tags
             if stage not in ("ensemble", "distill"):
