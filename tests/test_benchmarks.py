@@ -100,9 +100,9 @@ def test_every_result_is_a_run_with_sane_figures_and_the_tables_are_written(
              r.data.params["amp_bfloat16"]): r for r in training
             if r.data.params["measure"] == "training"}
     assert set(nets) == {(profile, arch, str(width), amp)
-                         for profile, arch, width in TRAINING_CONFIGS for amp in formats}
+                         for profile, arch, width, _ in TRAINING_CONFIGS for amp in formats}
     gflop = [nets[(profile, arch, str(width), "False")].data.metrics["gflop_fwd_per_sample"]
-             for profile, arch, width in TRAINING_CONFIGS]
+             for profile, arch, width, _ in TRAINING_CONFIGS]
     assert gflop == sorted(gflop) and len(set(gflop)) == len(gflop)
     for (profile, arch, width, _), run in nets.items():
         m = run.data.metrics
@@ -187,7 +187,7 @@ def test_main_jobs_are_timed_per_stage_in_fresh_stores(demo_data, tracking, tmp_
     for job in jobs:
         job_row = rows[f"main job, {job}"].data.metrics
         stages = [rows[f"{job}: stage{k}"].data.metrics for k in (1, 2, 3, 4)]
-        rest = rows[f"{job}: the rest (start-up, features, ensemble)"].data.metrics
+        rest = rows[f"{job}: the rest (start-up, features, ensemble, student)"].data.metrics
         assert job_row["cpu_minutes"] > 0 and 0 < job_row["non_training_share"] < 1
         assert all(0 < m["non_training_share"] < 1 for m in stages)
         # the stages and the rest make up the job's wall time
@@ -226,7 +226,7 @@ def test_training_benchmark_runs_without_mlflow_and_librosa(tmp_path):
         import runpy, sys
         sys.modules["mlflow"] = None  # any import of these now raises ImportError
         sys.modules["librosa"] = None
-        sys.argv = ["training", "--profile", "tiny", "--configs", "quick/cnn",
+        sys.argv = ["training", "--profile", "tiny", "--configs", "quick/cnn,quick/cnn/0.25/8",
                     "--store", {str(tmp_path)!r}]
         runpy.run_module("fat_mlflow.benchmarks.training", run_name="__main__")
     """)
@@ -237,7 +237,9 @@ def test_training_benchmark_runs_without_mlflow_and_librosa(tmp_path):
     assert rows[1].startswith("| matmul 1024x1024, float32 (baseline) |")
     assert rows[2].startswith("| matmul 1024x1024, bfloat16 |")
     assert rows[3].startswith("| quick, cnn, width 0.25, batch 16, float32 |")
-    if bf16_units(torch.device("cpu")):
+    formats = 1 + (bf16_units(torch.device("cpu")) is not None)
+    if formats == 2:
         assert rows[4].startswith("| quick, cnn, width 0.25, batch 16, bfloat16 + channels_last |")
-    assert len(rows) == 4 + (bf16_units(torch.device("cpu")) is not None)
+    assert rows[3 + formats].startswith("| quick, cnn, width 0.25, batch 8, float32 |")
+    assert len(rows) == 3 + 2 * formats
     assert f"log-mels from {tmp_path}" in done.stdout

@@ -44,9 +44,11 @@ from fat_mlflow.engine.precision import Precision, resolve_precision
 from fat_mlflow.engine.spectrograms import Spectrograms, take
 from fat_mlflow.engine.training import augmented_step, resolve_device
 
-# (training profile, network, width): the quick network at its width and twice it, the paper's
-CONFIGS = (("quick", "cnn", 0.125), ("quick", "cnn", 0.25), ("paper", "cnn", 1.0),
-           ("paper", "vgg16", 1.0))
+# (training profile, network, width, batch; None: the profile's): the quick network at its
+# width and half it, the paper's
+Config = tuple[str, str, float, int | None]
+CONFIGS: tuple[Config, ...] = (("quick", "cnn", 0.125, None), ("quick", "cnn", 0.25, None),
+                               ("paper", "cnn", 1.0, None), ("paper", "vgg16", 1.0, None))
 N_CLASSES = 80  # FAT2019's vocabulary: the size of the head
 COLUMNS = (("params_M", "params (M)"), ("gflop_fwd_per_sample", "GFLOP fwd/sample"),
            ("samples_per_s", "samples/s"), ("tflop_per_s", "TFLOP/s (train = 3 x fwd)"),
@@ -98,13 +100,14 @@ def precisions(device: torch.device) -> dict[str, Precision]:
 
 def run(size: BenchmarkProfile, device: torch.device,
         specs: Spectrograms | None = None,
-        configs: Sequence[tuple[str, str, float]] = CONFIGS, paper_batch: int | None = None,
+        configs: Sequence[Config] = CONFIGS, paper_batch: int | None = None,
         input_name: str = "synthetic log-mels") -> Table:
     """The float32 matmul peak (the baseline) and the bf16 one, then per (training profile,
-    network, width) one row per number format; each network's formats are timed in turn.
+    network, width, batch) one row per number format; each network's formats are timed in turn.
 
-    Paper rows use `paper_batch`, else the profile's batch of 128 on a GPU and
-    `size.paper_batch_cpu` on a CPU, where 128 would take minutes per step.
+    A config without a batch takes the profile's, except paper rows: `paper_batch`, else the
+    profile's batch of 128 on a GPU and `size.paper_batch_cpu` on a CPU, where 128 would take
+    minutes per step.
     """
     specs = specs if specs is not None else synthetic_spectrograms(8)
     on_gpu = device.type == "cuda"
@@ -122,10 +125,10 @@ def run(size: BenchmarkProfile, device: torch.device,
                       {**shared, "measure": "peak", "matmul_n": matmul_n, "dtype": name},
                       shares(peak, peak / peaks["float32"]), baseline=name == "float32")
                for name, peak in peaks.items()]
-    for profile_name, arch, width in configs:
+    for profile_name, arch, width, asked_batch in configs:
         cfg = get_profile(profile_name).train
-        batch = cfg.batch_size
-        if profile_name == "paper":
+        batch = asked_batch or cfg.batch_size
+        if profile_name == "paper" and not asked_batch:
             batch = paper_batch or (cfg.batch_size if on_gpu else size.paper_batch_cpu)
         built = {name: training_steps(profile_name, arch, width, precision, specs, batch,
                                       size.train_steps)
@@ -152,13 +155,14 @@ def run(size: BenchmarkProfile, device: torch.device,
     return Table("training", title, COLUMNS, tuple(results), machine_facts(device))
 
 
-def parse_config(item: str) -> tuple[str, str, float]:
-    """"quick/cnn/0.25" -> ("quick", "cnn", 0.25); without a width, the profile's."""
+def parse_config(item: str) -> Config:
+    """"quick/cnn/0.25/32" -> ("quick", "cnn", 0.25, 32); without a width or a batch, the
+    profile's."""
     parts = item.strip().split("/")
-    if len(parts) not in (2, 3):
-        raise ValueError(f"{item!r} is not PROFILE/ARCH[/WIDTH]")
-    width = float(parts[2]) if len(parts) == 3 else get_profile(parts[0]).train.width
-    return parts[0], parts[1], width
+    if len(parts) not in (2, 3, 4):
+        raise ValueError(f"{item!r} is not PROFILE/ARCH[/WIDTH[/BATCH]]")
+    width = float(parts[2]) if len(parts) >= 3 else get_profile(parts[0]).train.width
+    return parts[0], parts[1], width, int(parts[3]) if len(parts) == 4 else None
 
 
 def main() -> None:
@@ -171,9 +175,10 @@ def main() -> None:
     parser.add_argument("--paper-batch", type=int, default=None,
                         help="batch of the paper rows (default: 128 on a GPU, the "
                              "profile's on a CPU)")
-    parser.add_argument("--configs", default=",".join(f"{p}/{a}/{w:g}" for p, a, w in CONFIGS),
-                        help="comma-separated PROFILE/ARCH[/WIDTH] to measure (default width: "
-                             "the profile's)")
+    parser.add_argument("--configs", default=",".join(f"{p}/{a}/{w:g}" for p, a, w, _ in CONFIGS),
+                        help="comma-separated PROFILE/ARCH[/WIDTH[/BATCH]] to measure, e.g. "
+                             "quick/cnn/0.25/8,quick/cnn/0.25/32 (default width and batch: the "
+                             "profile's)")
     parser.add_argument("--store", type=Path, default=None,
                         help="a feature-store folder (.fat_cache/logmel-<key>) whose log-mels "
                              "are the inputs (default: random ones)")
@@ -184,7 +189,7 @@ def main() -> None:
     try:
         configs = [parse_config(item) for item in args.configs.split(",") if item.strip()]
     except (ValueError, KeyError) as error:
-        parser.error(f"--configs takes PROFILE/ARCH[/WIDTH] items, got {args.configs!r}: {error}")
+        parser.error(f"--configs takes PROFILE/ARCH[/WIDTH[/BATCH]] items, got {args.configs!r}: {error}")
     store = FeatureStore(args.store) if args.store else None
     specs = store.open(store.digests()[: size.feature_clips]) if store else None
     input_name = f"log-mels from {args.store}" if args.store else "synthetic log-mels"
