@@ -122,7 +122,7 @@ def job_results(name: str, job: JobTimes, baseline: JobTimes | None,
             "lwlrap_test": metrics.get("lwlrap_test", float("nan")),
             **speed(stage_s[stage], base)}))
     rest = job.wall_s - sum(stage_s.values())
-    rows.append(Result(f"{name}: the rest (start-up, features, ensemble)",
+    rows.append(Result(f"{name}: the rest (start-up, features, ensemble, student)",
                        {**shared, "part": "rest"}, {"minutes": rest / 60}))
     return rows
 
