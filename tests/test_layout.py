@@ -15,8 +15,10 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 import fat_mlflow
+from fat_mlflow.engine.models import build_model, save_checkpoint
 from fat_mlflow.serving.tagger import SPEC_ARTIFACT, EnsembleSpec, pyfunc_arguments
 
 PACKAGE = Path(fat_mlflow.__file__).resolve().parent
@@ -26,6 +28,7 @@ UTILITIES = {"__init__", "config", "plots", "locking", "processes", "memory"}
 FORBIDDEN = {"data": {"mlflow", "torch"}, "engine": {"mlflow", "click"}}
 MAX_LINES = 450
 OLD_MODEL = Path(__file__).resolve().parent / "fixtures" / "model_logged_by_layout_v1"
+OLD_WIDTH = 0.125  # of its fold models
 
 
 def module_name(path: Path, root: Path) -> str:
@@ -155,10 +158,22 @@ SCORE_IN_A_FRESH_PROCESS = textwrap.dedent("""
 """)
 
 
+def write_old_checkpoints(folder: Path) -> None:
+    """The fixture's two fold models, written as the flat layout's script wrote them: freshly
+    initialised width-0.125 CNNs over its five classes, seeds 0 and 1 (weights are not kept in
+    git; the checkpoint format is the same in both layouts)."""
+    n_classes = len(json.loads((folder / "ensemble.json").read_text())["vocabulary"])
+    for index in range(2):
+        torch.manual_seed(index)
+        save_checkpoint(build_model("cnn", n_classes, OLD_WIDTH), folder / f"cnn_{index}.pt",
+                        arch="cnn", width=OLD_WIDTH, n_classes=n_classes)
+
+
 @pytest.mark.slow
 def test_a_model_logged_by_the_flat_layout_scores_as_the_new_code_does(esc50_dir, tmp_path,
                                                                        monkeypatch):
     old_model = shutil.copytree(OLD_MODEL, tmp_path / "old_model")  # its imports write bytecode
+    write_old_checkpoints(old_model / "artifacts")
     clip = esc50_dir / "audio" / pd.read_csv(esc50_dir / "meta" / "esc50.csv")["filename"].iloc[0]
     request = base64.b64encode(clip.read_bytes()).decode("ascii")
     monkeypatch.setenv("FAT_MLFLOW_AMP", "false")  # float32 on both sides, whatever the CPU
