@@ -127,9 +127,12 @@ def run(size: BenchmarkProfile, device: torch.device,
                for name, peak in peaks.items()]
     for profile_name, arch, width, asked_batch in configs:
         cfg = get_profile(profile_name).train
-        batch = asked_batch or cfg.batch_size
-        if profile_name == "paper" and not asked_batch:
+        if asked_batch:
+            batch = asked_batch
+        elif profile_name == "paper":
             batch = paper_batch or (cfg.batch_size if on_gpu else size.paper_batch_cpu)
+        else:
+            batch = cfg.batch_size
         built = {name: training_steps(profile_name, arch, width, precision, specs, batch,
                                       size.train_steps)
                  for name, precision in formats.items()}
@@ -189,7 +192,8 @@ def main() -> None:
     try:
         configs = [parse_config(item) for item in args.configs.split(",") if item.strip()]
     except (ValueError, KeyError) as error:
-        parser.error(f"--configs takes PROFILE/ARCH[/WIDTH[/BATCH]] items, got {args.configs!r}: {error}")
+        parser.error(f"--configs takes PROFILE/ARCH[/WIDTH[/BATCH]] items, got "
+                     f"{args.configs!r}: {error}")
     store = FeatureStore(args.store) if args.store else None
     specs = store.open(store.digests()[: size.feature_clips]) if store else None
     input_name = f"log-mels from {args.store}" if args.store else "synthetic log-mels"
