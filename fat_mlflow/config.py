@@ -309,8 +309,8 @@ PROFILES: dict[str, Profile] = {
     # The demo's budget (issue-18 study, docs/study): on ~13 curated clips per class a network of
     # width 0.25 needs ~32 epochs to pass the logistic floor, and mixup/SpecMix at this budget
     # cost more than they give (0.53 vs 0.69 test lwlrap at 16 epochs); bf16 pays for the width.
-    # 64 mel bands at 40 epochs (issue-29 study, docs/speed.md "Fewer mel bands"): 0.69x the wall
-    # time of 128 bands at 32 epochs, and 0.807 +- 0.006 against 0.785 +- 0.004 over 3 seeds.
+    # 64 mel bands at 40 epochs (issue 29, docs/speed.md "Fewer mel bands"): 0.64x the main job's
+    # time of 128 bands at 32 epochs, and 0.802 +- 0.009 against 0.785 +- 0.004 over 3 seeds.
     "quick": Profile(
         name="quick",
         features=FeatureConfig(n_mels=64),
