@@ -104,7 +104,7 @@ def _training(request: BenchmarkRequest, size: BenchmarkProfile, clips: list[Pat
     device = resolve_device("auto")
     if request.data is None:
         return training_bench.run(size, device)
-    cache = FeatureCache(None, FeatureConfig())  # the stages' cache: usually filled already
+    cache = FeatureCache(None, FeatureConfig())  # the seed's 128 bands (the quick profile: 64)
     stats = cache.compute(clips, progress=False)
     if stats.failures:
         raise BadAudioError(stats.failures)

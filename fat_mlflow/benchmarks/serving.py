@@ -82,7 +82,8 @@ COLUMNS = (("p50_ms", "p50 ms (one clip)"), ("p95_ms", "p95 ms"),
 
 
 def save_tagger(folder: Path, archs: Sequence[str], runs_per_arch: int, n_folds: int) -> Path:
-    """A local pyfunc tagger of untrained fold models in the quick profile's shape."""
+    """A local pyfunc tagger of untrained fold models of the quick profile's networks, on the
+    seed's 128-band features (the inference benchmark's shape before issue 29's 64 bands)."""
     train = PROFILES["quick"].train
     vocabulary = tuple(f"class_{i:02d}" for i in range(N_CLASSES))
     folder.mkdir(parents=True)

@@ -141,7 +141,7 @@ def study(profile, overrides, cache_dir, seeds, budgets, curated, out_dir, esc50
               help=f"ESC-50 folder when --data is empty ({SOURCES_HELP}).")
 @click.option("--model-uri", default="", metavar="URI",
               help="Tagger to measure (e.g. models:/fat2019-tagger@champion); empty = an "
-                   "untrained ensemble in the quick pipeline's shape.")
+                   "untrained ensemble of the quick profile's networks on 128-band features.")
 @click.option("--distill-runs", default="", metavar="RUN_ID[,RUN_ID]",
               help="Distill runs whose student and ensemble the distill benchmark serves "
                    "(e.g. one per seed, or several widths of one teacher); empty = the newest "
