@@ -92,9 +92,10 @@ def plot_study_axis(points: pd.DataFrame, x: str, xlabel: str) -> Figure:
     return figure
 
 
-def plot_distill_tradeoff(points: pd.DataFrame) -> Figure:
+def plot_distill_tradeoff(points: pd.DataFrame, bound_ms: float | None = None) -> Figure:
     """Each student's test lwlrap against its served p50, its teacher ensemble beside it (open
     marker) and the floor dashed: what one network buys back of the ensemble, and at what cost.
+    `bound_ms`, dotted: the p50 no student on these features gets under (request + log-mel).
 
     `points` has label, teacher, lwlrap_test, p50_ms, teacher_lwlrap, teacher_p50,
     floor_lwlrap_test (one row per student)."""
@@ -107,6 +108,9 @@ def plot_distill_tradeoff(points: pd.DataFrame) -> Figure:
     floor = points["floor_lwlrap_test"].dropna()
     if len(floor):
         axis.axhline(floor.mean(), linestyle="--", color="gray", label="floor (logistic)")
+    if bound_ms is not None:
+        axis.axvline(bound_ms, linestyle=":", color="gray",
+                     label="p50 bound: request + decode and log-mel")
     axis.set_xscale("log")
     axis.set(xlabel="served p50 of one 5-s clip, ms (log scale)", ylabel="test lwlrap",
              title="the student's lwlrap against its latency")

@@ -209,4 +209,14 @@ def test_the_distill_benchmark_serves_both_models_over_http(tiny_chain, tmp_path
         assert student["metrics.gflop_per_clip"] < ensemble["metrics.gflop_per_clip"] / 3
         assert student["metrics.startup_s"] > 0 and student["metrics.clips_per_s"] > 0
         assert "| mean of 1: student (cnn, width 0.125) |" in out.read_text()
+        # the bound: the student's server answering a request of the clip's size unread, plus
+        # decoding and the log-mel; under the ensemble's p50, which does all that and 6 nets
+        bound = by_role["bound"]
+        assert 0 < bound["metrics.unread_p50_ms"] < bound["metrics.p50_ms"]
+        assert bound["metrics.p50_ms"] == pytest.approx(
+            bound["metrics.unread_p50_ms"] + bound["metrics.decode_log_mel_p50_ms"])
+        assert bound["metrics.p50_ms"] < ensemble["metrics.p50_ms"]
+        assert bound["metrics.p50_fraction_of_ensemble"] == pytest.approx(
+            bound["metrics.p50_ms"] / ensemble["metrics.p50_ms"])
+        assert "| mean of 1: p50 bound of any student on these features" in out.read_text()
         assert (tmp_path / "distill_tradeoff.png").stat().st_size > 0

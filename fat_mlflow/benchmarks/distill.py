@@ -8,13 +8,20 @@ size, and the forward GFLOPs of that clip. The ensemble row of each teacher is t
 the students of several distill runs of one teacher (widths) share it. The figure plots each
 student's lwlrap against its p50, the teachers and the floor beside them.
 
+Beside them, the p50 no student on the ensemble's features can beat: what the student's server
+takes for a request of the clip's size that it answers without reading audio (HTTP, JSON,
+MLflow's schema check, the answer), taking turns with the clip's calls, plus decoding and the
+log-mel of the clip in this process. It is the part of every served p50 that a smaller network
+does not reach.
+
     fat-mlflow benchmark --only distill [--distill-runs ID,ID,ID]
 """
 from __future__ import annotations
 
 import base64
+import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +39,7 @@ from fat_mlflow.benchmarks.common import (
     machine_facts,
     percentiles_ms,
     timed,
+    timed_alternately,
 )
 from fat_mlflow.benchmarks.serving import (
     WARMUP_CALLS,
@@ -47,6 +55,13 @@ from fat_mlflow.engine.metrics import lwlrap
 from fat_mlflow.engine.training import resolve_device
 from fat_mlflow.plots import plot_distill_tradeoff
 from fat_mlflow.serving.distill import TAG_TEACHER
+from fat_mlflow.serving.tagger import (
+    AUDIO_ROOT_ENV,
+    PATH_COLUMN,
+    PATHS_OFF,
+    FatTagger,
+    clip_spectrogram,
+)
 from fat_mlflow.warmup.tracking import TAG_COMPLETE, TAG_STAGE, RunLookupError, get_run
 
 COLUMNS = (("lwlrap_test", "test lwlrap (HTTP)"), ("lwlrap_gap", "gap to ensemble"),
@@ -54,6 +69,11 @@ COLUMNS = (("lwlrap_test", "test lwlrap (HTTP)"), ("lwlrap_gap", "gap to ensembl
            ("p95_ms", "p95 ms"), ("p50_fraction_of_ensemble", "p50 / ensemble's"),
            ("clips_per_s", "clips/s (batch)"), ("model_mb", "MB"),
            ("startup_s", "start-up s"), ("gflop_per_clip", "GFLOP / clip"))
+BOUND_LABEL = ("p50 bound of any student on these features: the request answered unread + "
+               "decode and log-mel")
+MEAN_KEYS = ("lwlrap_test", "lwlrap_gap", "p50_ms", "p95_ms", "p50_fraction_of_ensemble",
+             "clips_per_s", "model_mb", "startup_s", "gflop_per_clip", "floor_lwlrap_test",
+             "unread_p50_ms", "decode_log_mel_p50_ms")
 
 
 @dataclass(frozen=True)
@@ -105,16 +125,37 @@ def served_pair(distill: Run) -> tuple[ServedModel, ServedModel]:
     return teacher, student
 
 
+def unread_request(url: str, n_chars: int) -> Callable[[], object]:
+    """A call that posts one `path` row of `n_chars` characters: a request the size of the
+    clip's that the server refuses unread (path input is off), so it costs the server all it
+    spends on a request and nothing of the model. Raises if the server did read it."""
+    post = http_predict(url, PATH_COLUMN)
+    row = ["x" * n_chars]
+
+    def call() -> object:
+        response = post(row)
+        error = response.json()["predictions"][0]["error"]
+        if PATHS_OFF not in error:
+            raise RuntimeError(f"the server did not refuse the unread row unopened: {error!r}")
+        return response
+
+    return call
+
+
 def measure_served(model: ServedModel, one: list[str], test_rows: list[str],
                    truth: np.ndarray, vocabulary: list[str], size: BenchmarkProfile
                    ) -> dict[str, float]:
-    """Start-up, one-clip latency, batch throughput and test lwlrap, all over HTTP."""
+    """Start-up, one-clip latency, batch throughput and test lwlrap, all over HTTP; the
+    one-clip calls take turns with a request of the same size answered unread."""
+    env = {key: value for key, value in os.environ.items() if key != AUDIO_ROOT_ENV}
     started = time.perf_counter()
-    with served(model.uri) as url:
+    with served(model.uri, env=env) as url:  # path input off: the unread row stays unread
         startup = time.perf_counter() - started
         post = http_predict(url)
-        p50, p95 = percentiles_ms(timed(lambda: post(one), size.latency_calls,
-                                        warmup=WARMUP_CALLS))
+        latency = timed_alternately({"clip": lambda: post(one),
+                                     "unread": unread_request(url, len(one[0]))},
+                                    size.latency_calls, warmup=WARMUP_CALLS)
+        p50, p95 = percentiles_ms(latency["clip"])
         scores, seconds = [], 0.0
         for first in range(0, len(test_rows), size.batch_clips):
             begin = time.perf_counter()
@@ -124,7 +165,22 @@ def measure_served(model: ServedModel, one: list[str], test_rows: list[str],
     return {"startup_s": startup, "p50_ms": p50, "p95_ms": p95,
             "clips_per_s": len(test_rows) / seconds,
             "lwlrap_test": lwlrap(truth, pd.concat(scores).to_numpy(dtype=np.float64)),
-            "model_mb": model.model_mb}
+            "model_mb": model.model_mb, "unread_p50_ms": percentiles_ms(latency["unread"])[0]}
+
+
+def preprocessing_p50_ms(tagger: FatTagger, row: str, size: BenchmarkProfile) -> float:
+    """p50 of decoding the base64 clip and its log-mel, as the served model does them."""
+    spec = tagger.spec
+    return percentiles_ms(timed(lambda: clip_spectrogram(None, row, spec.features, spec.serving),
+                                size.latency_calls, warmup=WARMUP_CALLS))[0]
+
+
+def bound_figures(unread_ms: float, preprocessing_ms: float, ensemble_p50_ms: float
+                  ) -> dict[str, float]:
+    """The p50 of a student whose network took no time, and its fraction of the ensemble's."""
+    p50 = unread_ms + preprocessing_ms
+    return {"p50_ms": p50, "p50_fraction_of_ensemble": p50 / ensemble_p50_ms,
+            "unread_p50_ms": unread_ms, "decode_log_mel_p50_ms": preprocessing_ms}
 
 
 def run(size: BenchmarkProfile, distill_run_ids: Sequence[str] = ()) -> tuple[Table, Figure]:
@@ -135,7 +191,7 @@ def run(size: BenchmarkProfile, distill_run_ids: Sequence[str] = ()) -> tuple[Ta
             raise RunLookupError(f"run {run.info.run_id} is not a distill run "
                                  f"(its stage: {run.data.tags.get(TAG_STAGE, 'none')})")
     results: list[Result] = []
-    points = []
+    points, bounds = [], []
     teachers: dict[str, dict[str, float]] = {}
     for distill in distills:
         teacher, student = served_pair(distill)
@@ -154,12 +210,12 @@ def run(size: BenchmarkProfile, distill_run_ids: Sequence[str] = ()) -> tuple[Ta
             "teacher_run_id": teacher.run_id, "latency_clip": clip.name,
             "latency_clip_seconds": round(seconds, 3), "test_clips": len(paths),
             "batch_clips": size.batch_clips, "latency_calls": size.latency_calls}
-        measured = {}
+        measured, taggers = {}, {}
         for model in (teacher, student):
             if model.role == "ensemble" and teacher.run_id in teachers:
                 measured[model.role] = teachers[teacher.run_id]
                 continue
-            _, tagger = load_tagger(model.uri)
+            tagger = taggers[model.role] = load_tagger(model.uri)[1]
             figures = {**measure_served(model, one, encoded, truth, dataset.vocabulary, size),
                        "gflop_per_clip": scoring_flops(tagger, clip_windows(clip, tagger)) / 1e9,
                        "floor_lwlrap_test": floor}
@@ -177,15 +233,20 @@ def run(size: BenchmarkProfile, distill_run_ids: Sequence[str] = ()) -> tuple[Ta
                                "width": distill.data.params.get("distill.width", "")}, mine))
         points.append({"teacher": teacher.run_id[:8], "label": student.label, **mine,
                        "teacher_lwlrap": base["lwlrap_test"], "teacher_p50": base["p50_ms"]})
+        bound = bound_figures(mine["unread_p50_ms"],
+                              preprocessing_p50_ms(taggers["student"], one[0], size),
+                              base["p50_ms"])
+        results.append(Result(f"{teacher.run_id[:8]}: {BOUND_LABEL}",
+                              {**shared, "model": student.uri, "role": "bound"}, bound))
+        bounds.append({"label": BOUND_LABEL, **bound})
     summary = pd.DataFrame(points)
-    for label, group in summary.groupby("label", sort=False):  # one mean per kind of student
+    for label, group in pd.concat([summary, pd.DataFrame(bounds)]).groupby("label", sort=False):
         results.append(Result(f"mean of {len(group)}: {label}", {"role": "mean"}, {
-            key: float(group[key].mean()) for key in
-            ("lwlrap_test", "lwlrap_gap", "p50_ms", "p95_ms", "p50_fraction_of_ensemble",
-             "clips_per_s", "model_mb", "startup_s", "gflop_per_clip", "floor_lwlrap_test")}))
+            key: float(group[key].mean()) for key in MEAN_KEYS if group[key].notna().any()}))
     title = (f"{len(points)} students beside their ensembles, each served alone by `mlflow "
              f"models serve` (one worker); one-clip latency over {size.latency_calls} calls, "
-             f"the test set in batches of {size.batch_clips}")
+             f"the test set in batches of {size.batch_clips}; beside each student, the p50 "
+             "bound of its features")
     return (Table("distill", title, COLUMNS, tuple(results), machine_facts(resolve_device("auto"))),
-            plot_distill_tradeoff(summary))
+            plot_distill_tradeoff(summary, float(np.mean([b["p50_ms"] for b in bounds]))))
 

@@ -183,13 +183,13 @@ def _pings(url: str) -> bool:
         return False
 
 
-def http_predict(url: str) -> Callable[[list[str]], object]:
-    """Posts rows of base64 audio to a scoring server, as a client does: one kept-alive
-    connection, the JSON body encoded per call."""
+def http_predict(url: str, column: str = BASE64_COLUMN) -> Callable[[list[str]], object]:
+    """Posts rows of `column` (base64 audio) to a scoring server, as a client does: one
+    kept-alive connection, the JSON body encoded per call."""
     session = requests.Session()
 
     def post(rows: list[str]) -> object:
-        body = {"dataframe_split": {"columns": [BASE64_COLUMN], "data": [[row] for row in rows]}}
+        body = {"dataframe_split": {"columns": [column], "data": [[row] for row in rows]}}
         response = session.post(f"{url}/invocations", json=body, timeout=300)
         response.raise_for_status()
         return response
