@@ -7,6 +7,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import ScalarFormatter  # noqa: E402
 
 
 def plot_fold_curves(histories: dict[int, pd.DataFrame], title: str = "") -> Figure:
@@ -92,10 +93,12 @@ def plot_study_axis(points: pd.DataFrame, x: str, xlabel: str) -> Figure:
     return figure
 
 
-def plot_distill_tradeoff(points: pd.DataFrame, bound_ms: float | None = None) -> Figure:
+def plot_distill_tradeoff(points: pd.DataFrame, bound_ms: float | None = None,
+                          target_fraction: float | None = None) -> Figure:
     """Each student's test lwlrap against its served p50, its teacher ensemble beside it (open
     marker) and the floor dashed: what one network buys back of the ensemble, and at what cost.
-    `bound_ms`, dotted: the p50 no student on these features gets under (request + log-mel).
+    `bound_ms`, dotted: the p50 no student on these features gets under (request + log-mel);
+    `target_fraction`, dash-dotted: that fraction of the ensembles' mean p50.
 
     `points` has label, teacher, lwlrap_test, p50_ms, teacher_lwlrap, teacher_p50,
     floor_lwlrap_test (one row per student)."""
@@ -111,7 +114,12 @@ def plot_distill_tradeoff(points: pd.DataFrame, bound_ms: float | None = None) -
     if bound_ms is not None:
         axis.axvline(bound_ms, linestyle=":", color="gray",
                      label="p50 bound: request + decode and log-mel")
+    if target_fraction is not None:
+        axis.axvline(target_fraction * teachers["teacher_p50"].mean(), linestyle="-.",
+                     color="tab:red", label=f"target: {target_fraction:g} of the ensemble's p50")
     axis.set_xscale("log")
+    for formatter in (axis.xaxis.set_major_formatter, axis.xaxis.set_minor_formatter):
+        formatter(ScalarFormatter())
     axis.set(xlabel="served p50 of one 5-s clip, ms (log scale)", ylabel="test lwlrap",
              title="the student's lwlrap against its latency")
     axis.legend(fontsize=8)
