@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from fat_mlflow.benchmarks import BenchmarkProfile
+from fat_mlflow.engine.precision import bf16_units
 
 ParamValue = str | int | float | bool
 
@@ -120,6 +121,7 @@ def machine_facts(device: torch.device) -> dict[str, ParamValue]:
         "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
         else os.cpu_count() or 0,
         "cpu_name": _cpu_name(),
+        "cpu_class": bf16_units(torch.device("cpu")) or "no bf16 units",  # what bf16 rows reach
         "torch_version": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "device": device.type,
@@ -129,7 +131,8 @@ def machine_facts(device: torch.device) -> dict[str, ParamValue]:
 
 
 def describe_machine(facts: dict[str, ParamValue]) -> str:
-    return (f"Machine: {facts['usable_cpus']} usable CPU cores ({facts['cpu_name']}), "
+    return (f"Machine: {facts['usable_cpus']} usable CPU cores ({facts['cpu_name']}, "
+            f"{facts['cpu_class']}), "
             f"torch {facts['torch_version']} with {facts['torch_threads']} threads, "
             f"device {facts['device_name']}.")
 
