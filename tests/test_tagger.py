@@ -267,6 +267,17 @@ def test_only_regular_files_inside_the_audio_root_are_admitted(audio_root):
     assert off.value.reason == PATHS_OFF
 
 
+def test_a_root_reached_through_a_symlink_admits_its_files(audio_root, tmp_path):
+    """Files resolve to their real place: a root named by a symlink (a shared data folder
+    linked beside a checkout) must be compared as the folder it leads to."""
+    linked = tmp_path / "linked_root"
+    linked.symlink_to(audio_root["root"])
+    assert admitted_path(str(linked / "clip.flac"), linked) == audio_root["root"] / "clip.flac"
+    with pytest.raises(AudioError) as refused:
+        admitted_path(str(audio_root["outside"]), linked)
+    assert refused.value.reason == PATH_OUTSIDE
+
+
 def test_model_config_names_the_audio_root(saved_model, audio_root, clips):
     root = audio_root["root"]
     model = mlflow.pyfunc.load_model(str(saved_model[0]),

@@ -208,7 +208,7 @@ def admitted_path(raw: str | os.PathLike, audio_root: Path | None) -> Path:
         resolved = Path(raw).resolve()
     except (OSError, ValueError, RuntimeError):  # symlink loop, NUL byte; wherever it leads
         raise AudioError(raw, PATH_OUTSIDE) from None
-    if not resolved.is_relative_to(audio_root):
+    if not resolved.is_relative_to(audio_root.resolve()):  # a root reached by a symlink too
         raise AudioError(raw, PATH_OUTSIDE)
     try:
         mode = resolved.stat().st_mode
