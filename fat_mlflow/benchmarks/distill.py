@@ -23,6 +23,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +48,7 @@ from fat_mlflow.benchmarks.serving import (
     http_predict,
     latency_clip,
     load_tagger,
+    preprocessing,
     scoring_flops,
     served,
 )
@@ -55,13 +57,7 @@ from fat_mlflow.engine.metrics import lwlrap
 from fat_mlflow.engine.training import resolve_device
 from fat_mlflow.plots import plot_distill_tradeoff
 from fat_mlflow.serving.distill import TAG_TEACHER
-from fat_mlflow.serving.tagger import (
-    AUDIO_ROOT_ENV,
-    PATH_COLUMN,
-    PATHS_OFF,
-    FatTagger,
-    clip_spectrogram,
-)
+from fat_mlflow.serving.tagger import AUDIO_ROOT_ENV, PATH_COLUMN, PATHS_OFF, FatTagger
 from fat_mlflow.warmup.tracking import TAG_COMPLETE, TAG_STAGE, RunLookupError, get_run
 
 COLUMNS = (("lwlrap_test", "test lwlrap (HTTP)"), ("lwlrap_gap", "gap to ensemble"),
@@ -129,25 +125,22 @@ def served_pair(distill: Run) -> tuple[ServedModel, ServedModel]:
 def unread_request(url: str, n_chars: int) -> Callable[[], object]:
     """A call that posts one `path` row of `n_chars` characters: a request the size of the
     clip's that the server refuses unread (path input is off), so it costs the server all it
-    spends on a request and nothing of the model. Raises if the server did read it."""
+    spends on a request and nothing of the model. Raises here if the server did read it; the
+    answer is checked once, so the timed calls parse nothing the clip's calls do not."""
     post = http_predict(url, PATH_COLUMN)
     row = ["x" * n_chars]
-
-    def call() -> object:
-        response = post(row)
-        error = response.json()["predictions"][0]["error"]
-        if PATHS_OFF not in error:
-            raise RuntimeError(f"the server did not refuse the unread row unopened: {error!r}")
-        return response
-
-    return call
+    error = post(row).json()["predictions"][0]["error"]
+    if PATHS_OFF not in error:
+        raise RuntimeError(f"the server did not refuse the unread row unopened: {error!r}")
+    return partial(post, row)
 
 
-def measure_served(model: ServedModel, one: list[str], test_rows: list[str],
+def measure_served(model: ServedModel, one: list[str], test_clips: list[Path],
                    truth: np.ndarray, vocabulary: list[str], size: BenchmarkProfile
                    ) -> dict[str, float]:
     """Start-up, one-clip latency, batch throughput and test lwlrap, all over HTTP; the
-    one-clip calls take turns with a request of the same size answered unread."""
+    one-clip calls take turns with a request of the same size answered unread. The test
+    clips are read and encoded a batch at a time, outside the timed calls."""
     env = {key: value for key, value in os.environ.items() if key != AUDIO_ROOT_ENV}
     started = time.perf_counter()
     with served(model.uri, env=env) as url:  # path input off: the unread row stays unread
@@ -158,22 +151,27 @@ def measure_served(model: ServedModel, one: list[str], test_rows: list[str],
                                     size.latency_calls, warmup=WARMUP_CALLS)
         p50, p95 = percentiles_ms(latency["clip"])
         scores, seconds = [], 0.0
-        for first in range(0, len(test_rows), size.batch_clips):
+        for first in range(0, len(test_clips), size.batch_clips):
+            rows = [encode(path) for path in test_clips[first:first + size.batch_clips]]
             begin = time.perf_counter()
-            response = post(test_rows[first:first + size.batch_clips])
+            response = post(rows)
             seconds += time.perf_counter() - begin
             scores.append(pd.DataFrame(response.json()["predictions"])[vocabulary])
     return {"startup_s": startup, "p50_ms": p50, "p95_ms": p95,
-            "clips_per_s": len(test_rows) / seconds,
+            "clips_per_s": len(test_clips) / seconds,
             "lwlrap_test": lwlrap(truth, pd.concat(scores).to_numpy(dtype=np.float64)),
             "model_mb": model.model_mb, "unread_p50_ms": percentiles_ms(latency["unread"])[0]}
 
 
+def encode(path: Path) -> str:
+    """A clip as a client sends it: its file's bytes in base64."""
+    return base64.b64encode(path.read_bytes()).decode("ascii")
+
+
 def preprocessing_p50_ms(tagger: FatTagger, row: str, size: BenchmarkProfile) -> float:
     """p50 of decoding the base64 clip and its log-mel, as the served model does them."""
-    spec = tagger.spec
-    return percentiles_ms(timed(lambda: clip_spectrogram(None, row, spec.features, spec.serving),
-                                size.latency_calls, warmup=WARMUP_CALLS))[0]
+    return percentiles_ms(timed(preprocessing(tagger, row), size.latency_calls,
+                                warmup=WARMUP_CALLS))[0]
 
 
 def bound_figures(unread_ms: float, preprocessing_ms: float, ensemble_p50_ms: float
@@ -203,21 +201,21 @@ def run(size: BenchmarkProfile, distill_run_ids: Sequence[str] = ()) -> tuple[Ta
         _, teacher_tagger = load_tagger(teacher.uri)
         paths = [Path(p) for p in dataset.test["path"]]
         clip, seconds, _ = latency_clip(paths, teacher_tagger)
-        encoded = [base64.b64encode(p.read_bytes()).decode("ascii") for p in paths]
-        one = [encoded[paths.index(clip)]]
+        one = [encode(clip)]
         truth = dataset.targets(dataset.test)
         floor = distill.data.metrics.get("floor_lwlrap_test", np.nan)
         shared: dict[str, ParamValue] = {
             "teacher_run_id": teacher.run_id, "latency_clip": clip.name,
             "latency_clip_seconds": round(seconds, 3), "test_clips": len(paths),
             "batch_clips": size.batch_clips, "latency_calls": size.latency_calls}
-        measured, taggers = {}, {}
+        taggers = {"ensemble": teacher_tagger, "student": load_tagger(student.uri)[1]}
+        measured = {}
         for model in (teacher, student):
             if model.role == "ensemble" and teacher.run_id in teachers:
                 measured[model.role] = teachers[teacher.run_id]
                 continue
-            tagger = taggers[model.role] = load_tagger(model.uri)[1]
-            figures = {**measure_served(model, one, encoded, truth, dataset.vocabulary, size),
+            tagger = taggers[model.role]
+            figures = {**measure_served(model, one, paths, truth, dataset.vocabulary, size),
                        "gflop_per_clip": scoring_flops(tagger, clip_windows(clip, tagger)) / 1e9,
                        "floor_lwlrap_test": floor}
             measured[model.role] = figures

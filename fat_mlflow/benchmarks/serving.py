@@ -137,6 +137,12 @@ def clip_windows(clip: Path, tagger: FatTagger) -> int:
     return len(window_starts(spec.shape[1], member.window, member.step, member.cover_end))
 
 
+def preprocessing(tagger: FatTagger, row: str) -> Callable[[], object]:
+    """What the served model does to a base64 row before any network: decode and log-mel."""
+    spec = tagger.spec
+    return partial(clip_spectrogram, None, row, spec.features, spec.serving)
+
+
 def measure(predicts: dict[str, Callable[[list[str]], object]], one: list[str],
             batch: list[str], latency_calls: int, repeats: int,
             latency_only: dict[str, Callable[[], object]] | None = None
@@ -289,8 +295,8 @@ def run(clips: Sequence[Path], size: BenchmarkProfile, model_uri: str | None = N
             return model.predict(pd.DataFrame({BASE64_COLUMN: rows}))
 
         predicts["pyfunc"] = ensemble
-        figures = measure(predicts, one, batch, calls, repeats, latency_only={
-            "decode": lambda: clip_spectrogram(None, one[0], spec.features, spec.serving)})
+        figures = measure(predicts, one, batch, calls, repeats,
+                          latency_only={"decode": preprocessing(tagger, one[0])})
         if http:
             with served(uri) as url:
                 figures.update(measure({"http": http_predict(url)}, one, batch, calls, repeats))
